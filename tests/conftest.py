@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models built in-process, so unit tests need neither network nor the 135M model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with a BPE tokenizer and the ChatML template."""
+    from tunesmith.finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_pad_eos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same, but with pad token == EOS (as SmolLM2 ships), to prove EOS stays in the labels."""
+    from tunesmith.finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_pe") / "model", pad_is_eos=True)
