@@ -91,3 +91,26 @@ def build_tiny_model(
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def build_tiny_run(out_dir: str | Path, base_dir: str | Path, seed: int = 0) -> Path:
+    """A run folder (as `tunesmith train` writes it) whose LoRA weights are random but non-zero, so the tuned model
+    answers differently from the base. For tests of everything that loads runs, without training first."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out / "adapter")
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.save_pretrained(out / "tokenizer")
+    (out / "chat_template.jinja").write_text(tok.chat_template or "")
+    (out / "config.yaml").write_text(yaml.safe_dump({"base_model": str(base_dir), "output_dir": str(out)}))
+    return out

@@ -26,3 +26,11 @@ def tiny_pad_eos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tunesmith.finetune.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_pe") / "model", pad_is_eos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder on the tiny model with random non-zero LoRA weights (tuned answers differ from base)."""
+    from tunesmith.finetune.tiny import build_tiny_run
+
+    return build_tiny_run(tmp_path_factory.mktemp("runs") / "tiny-run", tiny_model_dir)
