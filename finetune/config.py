@@ -1,0 +1,265 @@
+"""The training config schema: one typed dataclass per section, validated in one place.
+
+YAML files set fields, `section.key=value` arguments override them (`train.lr=1e-4`), unknown keys and wrong types
+are rejected with the file and the key named. Names follow what axolotl / LLaMA-Factory users already type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the file, the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training files or folders: .jsonl, .json, .csv, .parquet, or a `datasets.save_to_disk` folder."""
+    validation: list[str] = field(default_factory=list)
+    """Validation files; if empty, `val_set_size` of the training records are held out instead."""
+    val_set_size: float = 0.05
+    """Fraction (<1) or count (>=1) of training records held out for eval loss when no validation file is given."""
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = "auto"
+    """Record format; `auto` detects it from the keys of the first record."""
+    chat_template: str | None = None
+    """None = the tokenizer's template; `chatml`; a path to a .jinja file; or an inline Jinja string."""
+    system_prompt: str | None = None
+    """Added as a system turn to records that have none."""
+    max_length: int = 512
+    """Tokens per example; longer examples are truncated and counted in the report (never silently)."""
+    train_on_prompt: bool = False
+    """Also train on system/user tokens (default: loss only on assistant tokens, EOS included)."""
+    packing: bool = True
+    """Pack several examples into one row (attention kept inside each example): no compute wasted on padding."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """`error` stops at the first bad record naming file and line; `skip` drops bad ones and reports how many."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "auto"
+    """`auto` = every linear layer but the output head; or a list such as [q_proj, v_proj]."""
+    use_dora: bool = False
+    use_rslora: bool = False
+    load_in_4bit: bool = False
+    """QLoRA: 4-bit NF4 base weights. Needs CUDA and bitsandbytes."""
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps; -1 means `epochs` decides."""
+    micro_batch_size: int = 8
+    """Examples per forward pass (with packing: a row of micro_batch_size * max_length tokens)."""
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = -1
+    """-1 means use `warmup_ratio`."""
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """`auto`: bf16 where the CPU/GPU runs it fast, else fp32. The frozen base is stored in this dtype; LoRA in fp32."""
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    """Steps between validation-loss evaluations (0 = only at the end)."""
+    save_every: int = 100
+    """Steps between resumable checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the output-head + cross-entropy computation, so 49k-vocab logits are never all in memory."""
+
+
+@dataclass
+class Config:
+    base_model: str = "embedded"
+    """`embedded` (SmolLM2-135M-Instruct, offline), a local HF folder, a .gguf file, or a hub id."""
+    output_dir: str = "runs/run"
+    seed: int = 42
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "config") -> None:
+        d, t, lo = self.data, self.train, self.lora
+
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{where}: `{key}` {msg}")
+
+        if d.max_length < 8:
+            raise bad("data.max_length", f"must be >= 8, got {d.max_length}")
+        if d.val_set_size < 0:
+            raise bad("data.val_set_size", "must be >= 0")
+        if t.micro_batch_size < 1 or t.grad_accum < 1:
+            raise bad("train.micro_batch_size/grad_accum", "must be >= 1")
+        if t.lr <= 0 or t.lr > 1:
+            raise bad("train.lr", f"must be in (0, 1], got {t.lr}")
+        if t.epochs <= 0 and t.max_steps <= 0:
+            raise bad("train.epochs", "and train.max_steps cannot both be <= 0")
+        if not 0 <= t.warmup_ratio < 1:
+            raise bad("train.warmup_ratio", "must be in [0, 1)")
+        if lo.r < 1:
+            raise bad("lora.r", f"must be >= 1, got {lo.r}")
+        if not 0 <= lo.dropout < 1:
+            raise bad("lora.dropout", "must be in [0, 1)")
+        if t.loss_chunk_size < 16:
+            raise bad("train.loss_chunk_size", "must be >= 16")
+
+
+ALIASES = {
+    "learning_rate": "train.lr", "num_epochs": "train.epochs", "num_train_epochs": "train.epochs",
+    "gradient_accumulation_steps": "train.grad_accum", "per_device_train_batch_size": "train.micro_batch_size",
+    "lr_scheduler": "train.scheduler", "lr_scheduler_type": "train.scheduler", "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every", "bf16": "train.precision", "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "sample_packing": "data.packing",
+    "train_on_inputs": "data.train_on_prompt", "val_size": "data.val_set_size", "lora_r": "lora.r",
+    "lora_rank": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules", "lora_target": "lora.target_modules", "model_name_or_path": "base_model",
+    "datasets": "data.train", "dataset": "data.train", "load_in_4bit": "lora.load_in_4bit",
+}
+"""Names axolotl, LLaMA-Factory and HF TrainingArguments use, pointed at ours in the unknown-key message."""
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    if key in ALIASES:
+        return f" Did you mean `{ALIASES[key]}`?"
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(options)}."
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and gently convert: '1e-4' -> 1e-4, 3 -> 3.0) one value against its annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: `{key}` must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: `{key}` must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: `{key}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: `{key}` must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: `{key}` must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: `{key}` must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: `{key}` must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: `{key}` must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: `{key}` has an unsupported type {tp}")
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: `{prefix.rstrip('.') or 'top level'}` must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key `{full}`.{_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.", where)
+        else:
+            kwargs[key] = _coerce(value, tp, full, where)
+    obj = cls.__new__(cls)  # fill defaults, then validate once on the whole config
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        setattr(obj, f.name, kwargs.get(f.name, default))
+    return obj
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 1e-4); values are parsed as YAML so lists and booleans work."""
+    if "=" not in arg:
+        raise ConfigError(f"command line: override `{arg}` must look like section.key=value (e.g. train.lr=1e-4)")
+    key, value = arg.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    where = str(path) if path else "defaults"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}. See configs/ for examples (configs/quickstart.yaml).")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: `{ov}`: `{k}` is not a section")
+        node[keys[-1]] = value
+        where = f"{where} (+ command-line overrides)" if "overrides" not in where else where
+    cfg: Config = _build(Config, raw, "", where)
+    cfg.validate(where)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,131 @@
+"""The run folder on disk: atomic writes, resumable checkpoints, and the loss curve.
+
+A folder is written under a temporary name and renamed into place, so a run killed mid-save never leaves a
+half-written adapter that loads; a checkpoint counts only once its `state.pt` is in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    root = Path(out) / "checkpoints"
+    found = []
+    for d in root.glob("step-*") if root.exists() else []:
+        if (d / "state.pt").exists() and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoint_dirs(out)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> Path:
+    final = Path(out) / "checkpoints" / f"step-{step}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return final
+
+
+def load_checkpoint(ck: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the step to continue from."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    state = torch.load(ck / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    found = checkpoint_dirs(out)
+    for _, d in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    """Train loss (raw and smoothed) and eval loss against step: people would rather look than read JSONL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics)
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if tr:
+        xs, ys = zip(*tr)
+        ax.plot(xs, ys, color="#9ecae1", lw=1, label="train loss")
+        sm, acc = [], None
+        for y in ys:
+            acc = y if acc is None else 0.9 * acc + 0.1 * y
+            sm.append(acc)
+        ax.plot(xs, sm, color="#08519c", lw=2, label="train loss (EMA)")
+    if ev:
+        xs, ys = zip(*ev)
+        ax.plot(xs, ys, "o-", color="#e6550d", lw=2, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    ax.set_title(Path(metrics).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

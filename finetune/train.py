@@ -1,0 +1,349 @@
+"""LoRA supervised fine-tuning on Accelerate: `setup` builds everything, `fit` is the loop, read top to bottom.
+
+The same code runs on one CPU, under `accelerate launch` with several CPU (gloo) or GPU processes, and resumes
+exactly: the data order is a pure function of (seed, step), and checkpoints carry optimizer, scheduler and RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import Config, ConfigError, save_config
+from .data import (IGNORE, DataReport, Example, build_examples, collate, examples_in, load_records, micro_batches,
+                   split_validation)
+from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
+from .runs import atomic_dir, latest_checkpoint, load_checkpoint, plot_losses, prune_checkpoints, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class LossModel(torch.nn.Module):
+    """Backbone forward + cross-entropy on trained positions only, in chunks through the output head.
+
+    Only positions with a target go through the 49k-wide head (prompt tokens cost nothing there), and each chunk is
+    recomputed in backward instead of keeping full logits, so memory stays flat in sequence length.
+    Wrapping this (not the bare model) in DDP keeps gradient sync working with our own forward.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        causal = self.peft_model.get_base_model()
+        hidden = causal.get_decoder()(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
+        keep = targets != IGNORE
+        h, t = hidden[keep], targets[keep]
+        w = causal.get_output_embeddings().weight
+        if h.shape[0] * w.shape[0] <= 64 * 2**20:  # small: one shot, no recompute
+            return _ce_sum(h, t, w)
+        return sum(checkpoint(_ce_sum, h[i: i + self.chunk], t[i: i + self.chunk], w, use_reentrant=False)
+                   for i in range(0, h.shape[0], self.chunk))
+
+
+def _ce_sum(h: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    accelerator: Any
+    tokenizer: Any
+    model: Any
+    """The PEFT model (what gets saved)."""
+    loss_model: Any
+    """LossModel after accelerator.prepare (DDP-wrapped when several processes)."""
+    optimizer: Any
+    scheduler: Any
+    plan: list[list[int]]
+    """plan[step] = indices into `batches` that step uses (all ranks); data order is fixed up front."""
+    batches: list[list[Example]]
+    val_batches: list[list[Example]]
+    report: DataReport
+    out: Path
+
+
+def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup:
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    acc = Accelerator()
+    out = Path(cfg.output_dir)
+    _seed_everything(cfg.seed)
+    tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    if cfg.data.chat_template:
+        from .data import resolve_chat_template
+
+        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
+
+    # 1) data: read and check everything before the (slow) model load, so a bad record fails in seconds
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: list at least one training file in the config.")
+    train_recs = load_records(cfg.data.train)
+    if cfg.data.validation:
+        val_recs = load_records(cfg.data.validation)
+    else:
+        train_recs, val_recs = split_validation(train_recs, cfg.data.val_set_size, cfg.seed)
+    report = DataReport()
+    train_ex = build_examples(train_recs, tok, cfg.data, report)
+    val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
+    if not train_ex:
+        raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
+    _check_max_length(cfg, tok)
+    t = cfg.train
+    batches = micro_batches(_shuffled(train_ex, cfg.seed), t.micro_batch_size, cfg.data.max_length, cfg.data.packing,
+                            cfg.seed)
+    val_batches = micro_batches(val_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing)
+
+    # 2) the plan: which micro-batches each optimizer step uses, for every rank, reshuffled each epoch
+    per_step = t.grad_accum * acc.num_processes
+    steps_per_epoch = max(1, math.ceil(len(batches) / per_step))
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(steps_per_epoch * t.epochs))
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        order = list(range(len(batches)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        order += order[: (-len(order)) % per_step]  # wrap so every rank gets the same number of micro-batches
+        plan += [order[i: i + per_step] for i in range(0, len(order), per_step)]
+        epoch += 1
+    plan = plan[:total]
+
+    # 3) model: frozen base in the compute dtype, LoRA weights in fp32
+    dtype = pick_dtype(t.precision, acc.device)
+    model = load_base_model(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=cfg.lora.load_in_4bit,
+                            trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = "all-linear" if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lcfg)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {e}. Use `auto` or names of linear layers "
+                         f"such as {_linear_names(model)}.") from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.999))
+    from transformers import get_scheduler
+
+    warmup = t.warmup_steps if t.warmup_steps >= 0 else int(round(t.warmup_ratio * total))
+    name = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    loss_model, opt = acc.prepare(LossModel(model, t.loss_chunk_size), opt)
+    if acc.is_main_process and check_output and not resume:
+        if out.exists() and (out / "adapter").exists():
+            raise FileExistsError(f"{out} already holds a finished run. Pass --resume to continue it, or set "
+                                  f"output_dir to a new folder (e.g. output_dir={out}-2).")
+    return Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out)
+
+
+def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
+    """The training loop. Returns the summary also written to `summary.json`."""
+    from tqdm.auto import tqdm
+
+    cfg, acc, t = s.cfg, s.accelerator, s.cfg.train
+    pad = s.tokenizer.pad_token_id
+    rank, world = acc.process_index, acc.num_processes
+    out = s.out
+    start = 0
+    if resume and (ck := latest_checkpoint(out)) is not None:
+        start = load_checkpoint(ck, s.model, s.optimizer, s.scheduler)
+        acc.print(f"resumed from {ck} (step {start})")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        _trim_metrics(out / "metrics.jsonl", start)
+        for line in s.report.lines():
+            acc.print(line)
+    stop_requested = _install_stop_handler()
+    total = len(s.plan)
+    bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
+    t0, tokens_seen, loss_ema, last = time.time(), 0, None, {}
+    s.loss_model.train()
+    for step in range(start, total):
+        group = [s.batches[i] for i in s.plan[step]]
+        # 1) normalise by the trained tokens of the whole step (all ranks, all micro-batches), so grad accumulation
+        #    and multi-process give exactly the gradient of one big batch; DDP averages, hence the * world
+        n_targets = sum(ex.n_targets for b in group for ex in examples_in(b))
+        mine = group[rank::world]
+        step_loss = torch.zeros((), device=acc.device)
+        for j, batch in enumerate(mine):
+            inputs = {k: v.to(acc.device) for k, v in collate(batch, cfg.data.packing, pad).items()}
+            sync = j == len(mine) - 1
+            with acc.no_sync(s.loss_model) if not sync else _null():
+                loss_sum = s.loss_model(**inputs)
+                acc.backward(loss_sum * world / n_targets)
+            step_loss += loss_sum.detach()
+            tokens_seen += sum(len(ex.input_ids) for ex in examples_in(batch))
+        # 2) clip, step, schedule
+        grad_norm = acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        loss = acc.reduce(step_loss, reduction="sum").item() / n_targets
+        # 3) log, evaluate, checkpoint
+        elapsed = time.time() - t0
+        tps = tokens_seen * world / max(elapsed, 1e-9)
+        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+        last = {"step": step + 1, "loss": round(loss, 5), "lr": s.scheduler.get_last_lr()[0],
+                "grad_norm": round(float(grad_norm), 5) if grad_norm is not None else None,
+                "target_tokens": n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2)}
+        if t.eval_every > 0 and (step + 1) % t.eval_every == 0 and s.val_batches and step + 1 < total:
+            last["eval_loss"] = evaluate_loss(s)
+        if acc.is_main_process and ((step + 1) % t.log_every == 0 or "eval_loss" in last):
+            _append_jsonl(out / "metrics.jsonl", last)
+        bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.update(1)
+        if (t.save_every > 0 and (step + 1) % t.save_every == 0 and step + 1 < total) or stop_requested():
+            _checkpoint(s, step + 1)
+            if stop_requested():
+                acc.print(f"\nstopped at step {step + 1}; checkpoint saved. Continue with --resume.")
+                bar.close()
+                raise SystemExit(143)
+    bar.close()
+    # 4) final eval and the run folder: adapter, tokenizer + template, metrics, loss curve, summary
+    summary = {"steps": total, "final_loss": last.get("loss"), "train_tokens_per_s": last.get("tokens_per_s"),
+               "train_time_s": round(time.time() - t0, 1), "data": s.report.lines(), "world_size": world,
+               "dtype": str(next(s.model.parameters()).dtype)}
+    if s.val_batches:
+        summary["eval_loss"] = evaluate_loss(s)
+        summary["eval_ppl"] = round(math.exp(min(summary["eval_loss"], 50)), 3)
+        if acc.is_main_process:
+            _append_jsonl(out / "metrics.jsonl", {"step": total, "eval_loss": summary["eval_loss"]})
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with atomic_dir(out / "adapter") as tmp:
+            s.model.save_pretrained(tmp)
+            (tmp / "tunesmith_base.json").write_text(json.dumps(_base_meta(cfg)))
+        with atomic_dir(out / "tokenizer") as tmp:
+            s.tokenizer.save_pretrained(tmp)
+        (out / "chat_template.jinja").write_text(s.tokenizer.chat_template or "")
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc.print(f"done: {out} (loss {summary['final_loss']}, eval {summary.get('eval_loss')}, "
+                  f"{summary['train_tokens_per_s']} tok/s, {summary['train_time_s']} s)")
+    acc.wait_for_everyone()
+    return summary
+
+
+@torch.no_grad()
+def evaluate_loss(s: Setup) -> float:
+    """Mean loss per trained token over the validation batches (sharded across ranks)."""
+    acc = s.accelerator
+    s.loss_model.eval()
+    tot = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    for batch in s.val_batches[acc.process_index:: acc.num_processes]:
+        inputs = {k: v.to(acc.device) for k, v in collate(batch, s.cfg.data.packing, s.tokenizer.pad_token_id).items()}
+        tot[0] += s.loss_model(**inputs).double()
+        tot[1] += sum(ex.n_targets for ex in examples_in(batch))
+    tot = acc.reduce(tot, reduction="sum")
+    s.loss_model.train()
+    return round(float(tot[0] / tot[1].clamp(min=1)), 5)
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Python API: fine-tune as configured and return the summary (the run folder is `cfg.output_dir`)."""
+    return fit(setup(cfg, resume=resume), resume=resume)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _checkpoint(s: Setup, step: int) -> None:
+    s.accelerator.wait_for_everyone()
+    if s.accelerator.is_main_process:
+        save_checkpoint(s.out, step, s.model, s.optimizer, s.scheduler)
+        prune_checkpoints(s.out, s.cfg.train.keep_checkpoints)
+    s.accelerator.wait_for_everyone()
+
+
+def _base_meta(cfg: Config) -> dict[str, Any]:
+    return {"base_model": cfg.base_model, "fingerprint": base_fingerprint(resolve_base_model(cfg.base_model)),
+            "summary": f"{cfg.base_model}"}
+
+
+def _check_max_length(cfg: Config, tok: Any) -> None:
+    cfg_file = Path(resolve_base_model(cfg.base_model)) / "config.json"
+    if cfg_file.exists():
+        limit = json.loads(cfg_file.read_text()).get("max_position_embeddings")
+        if limit and cfg.data.max_length > limit:
+            raise ConfigError(f"data.max_length={cfg.data.max_length} is over {cfg.base_model}'s limit of {limit} "
+                             f"positions. Set data.max_length <= {limit}.")
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def _shuffled(xs: list[Example], seed: int) -> list[Example]:
+    xs = list(xs)
+    random.Random(seed).shuffle(xs)
+    return xs
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _trim_metrics(path: Path, start: int) -> None:
+    """On resume, drop metric rows past the checkpoint so the log matches an uninterrupted run."""
+    if not path.exists():
+        return
+    rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _install_stop_handler() -> Any:
+    """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, exit. A second Ctrl-C stops at once."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. called from a UI worker): no handler, nothing breaks
+        pass
+    return lambda: flag["stop"]
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None

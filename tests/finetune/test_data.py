@@ -1,0 +1,191 @@
+"""Exact label masks per format, bad records named by file and line, packing without cross-contamination."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunesmith.finetune.config import DataConfig
+from tunesmith.finetune.data import (
+    IGNORE,
+    DataError,
+    DataReport,
+    build_examples,
+    collate,
+    format_preview,
+    load_records,
+    micro_batches,
+    pack,
+    read_records,
+)
+
+FIX = Path(__file__).parent.parent / "fixtures"
+
+
+def _trained_text(tok, ex) -> list[str]:
+    """Decode each maximal run of trained-on tokens."""
+    trained = [False] + [t != IGNORE for t in ex.targets[:-1]]
+    runs, cur = [], []
+    for tid, flag in zip(ex.input_ids, trained):
+        if flag:
+            cur.append(tid)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def _build(tok, path, **kw):
+    cfg = DataConfig(**kw)
+    return build_examples(load_records([str(path)]), tok, cfg, DataReport())
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_messages_mask_is_exactly_the_assistant_replies_with_eos(tok):
+    ex = _build(tok, FIX / "messages.jsonl")
+    assert _trained_text(tok, ex[0]) == ["Paris.<|im_end|>", "Berlin.<|im_end|>"]
+    assert _trained_text(tok, ex[1]) == ["four<|im_end|>"]
+    # targets are the next token inside the example: the last position never predicts anything
+    assert ex[0].targets[-1] == IGNORE
+    for j, t in enumerate(ex[0].targets[:-1]):
+        assert t == IGNORE or t == ex[0].input_ids[j + 1]
+
+
+def test_train_on_prompt_trains_everything_but_the_first_token(tok):
+    ex = _build(tok, FIX / "messages.jsonl", train_on_prompt=True)[1]
+    assert sum(t != IGNORE for t in ex.targets) == len(ex.input_ids) - 1 - 1  # last newline after EOS is not trained
+
+
+def test_alpaca_json_and_prompt_completion_csv(tok):
+    al = _build(tok, FIX / "alpaca.json")
+    assert _trained_text(tok, al[0]) == ["5<|im_end|>"]
+    assert "Add the numbers.\n\n2 and 3" in tok.decode(al[0].input_ids)
+    assert "\n\n" not in tok.decode(al[1].input_ids).split("Say hello.")[1].split("<|im_end|>")[0]
+    pc = _build(tok, FIX / "prompt_completion.csv")
+    assert [_trained_text(tok, e) for e in pc] == [["2<|im_end|>"], ["Rome<|im_end|>"]]
+
+
+def test_text_format_trains_on_all_and_appends_eos(tok):
+    ex = _build(tok, FIX / "text.jsonl")[0]
+    assert ex.input_ids[-1] == tok.eos_token_id
+    assert ex.targets[-2] == tok.eos_token_id  # EOS is a label
+    assert sum(t != IGNORE for t in ex.targets) == len(ex.input_ids) - 1
+
+
+def test_eos_stays_a_label_when_pad_equals_eos(tiny_pad_eos_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_pad_eos_dir)
+    assert tok.pad_token_id == tok.eos_token_id
+    ex = _build(tok, FIX / "messages.jsonl")[1]
+    assert tok.eos_token_id in [t for t in ex.targets if t != IGNORE]
+    batch = collate([ex, _build(tok, FIX / "messages.jsonl")[0]], packed=False, pad_id=tok.pad_token_id)
+    # padding is masked by position, not by token id: the EOS label survives collation
+    assert (batch["targets"][0] == tok.eos_token_id).sum() == 1
+    assert (batch["attention_mask"][0] == 0).any()
+
+
+def test_bad_record_names_file_line_and_fix(tok):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no assistant turn.*Add an assistant message"):
+        _build(tok, FIX / "bad.jsonl")
+    report = DataReport()
+    ex = build_examples(load_records([str(FIX / "bad.jsonl")]), tok, DataConfig(on_bad_record="skip"), report)
+    assert len(ex) == 2 and len(report.skipped) == 1 and "bad.jsonl:2" in report.skipped[0]
+    assert any("1 bad records skipped" in line for line in report.lines())
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}\n', r":1: `messages\[1\].content` must be a string"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', r":1: `messages\[0\].role` is 'robot'"),
+    ('{"messages": [{"role": "user"\n', r":1: invalid JSON"),
+    ('{"foo": 1}\n', r":1: cannot tell the format from keys \['foo'\]"),
+    ('{"instruction": "", "output": "x"}\n', r":1: field `instruction` is empty"),
+    ('[1, 2]\n', r":1: each line must be a JSON object"),
+])
+def test_bad_jsonl_records(tok, tmp_path, content, match):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n' * 0 + content)
+    with pytest.raises(DataError, match=match):
+        _build(tok, p)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid UTF-8"):
+        list(read_records(p))
+
+
+def test_truncation_is_counted_not_silent(tok):
+    report = DataReport()
+    build_examples(load_records([str(FIX / "messages.jsonl")]), tok, DataConfig(max_length=40), report)
+    assert report.truncated >= 1 and report.tokens_cut > 0
+    assert any("truncated" in line for line in report.lines())
+
+
+def test_parquet_and_datasets_folder(tok, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in (FIX / "text.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "t.parquet"))
+    ds.save_to_disk(str(tmp_path / "folder"))
+    a = _build(tok, tmp_path / "t.parquet")
+    b = _build(tok, tmp_path / "folder")
+    c = _build(tok, FIX / "text.jsonl")
+    assert [e.input_ids for e in a] == [e.input_ids for e in b] == [e.input_ids for e in c]
+
+
+def test_chat_template_setting_and_mismatch(tok, tmp_path):
+    ex = build_examples(load_records([str(FIX / "messages.jsonl")]), tok, DataConfig(chat_template="chatml"),
+                        DataReport())
+    assert _trained_text(tok, ex[1]) == ["four<|im_end|>"]
+    # a template that re-renders earlier turns differently is caught, not trained on wrong masks
+    bad = "{% for m in messages %}{{ m['content'] ~ (messages|length|string) }}{% endfor %}"
+    with pytest.raises(DataError, match="messages.jsonl:1: chat template is not prefix-stable"):
+        build_examples(load_records([str(FIX / "messages.jsonl")]), tok, DataConfig(chat_template=bad), DataReport())
+
+
+def test_packing_has_no_cross_contamination(tiny_model_dir, tok):
+    ex = _build(tok, FIX / "messages.jsonl") + _build(tok, FIX / "alpaca.json")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def loss(batch):
+        kw = {k: v for k, v in batch.items() if k != "targets"}
+        logits = model(**kw, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
+                                                 ignore_index=IGNORE, reduction="sum")
+
+    with torch.no_grad():
+        separate = sum(loss(collate([e], False, tok.pad_token_id)) for e in ex)
+        rows = pack(ex, 64)
+        assert len(rows) < len(ex)  # something really was packed together
+        packed = loss(collate(rows, True, tok.pad_token_id))
+        # and per-token logits equal: the second example in a row sees nothing of the first
+        row = [ex[1], ex[3]]
+        both = model(**{k: v for k, v in collate([row], True, 0).items() if k != "targets"}, use_cache=False).logits
+        alone = model(input_ids=torch.tensor([ex[3].input_ids])).logits
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(both[0, len(ex[1].input_ids):], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_micro_batches_cover_every_example_once(tok):
+    ex = _build(tok, FIX / "messages.jsonl") * 5
+    for packing in (True, False):
+        mbs = micro_batches(ex, 2, 64, packing)
+        flat = [e for mb in mbs for item in mb for e in (item if isinstance(item, list) else [item])]
+        assert sorted(id(e) for e in flat) == sorted(id(e) for e in ex)
+
+
+def test_preview_marks_trained_tokens(tok):
+    ex = _build(tok, FIX / "messages.jsonl")[1]
+    out = format_preview(ex, tok, color=False)
+    assert "«four<|im_end|>»" in out and "1 trained on" not in out and "trained on" in out

@@ -1,0 +1,208 @@
+"""`tunesmith` command line: parse, then call the Python API. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+
+def _train(a: argparse.Namespace) -> int:
+    from tunesmith.finetune import load_config, train
+
+    cfg = load_config(a.config, a.overrides)
+    if a.dry_run:
+        from tunesmith.finetune.estimate import dry_run
+
+        print(dry_run(cfg))
+        return 0
+    train(cfg, resume=a.resume)
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from tunesmith.finetune.evaluate import evaluate_run, format_table, save_result
+
+    res = evaluate_run(a.run, a.data, max_new_tokens=a.max_new_tokens, limit=a.limit, compare_base=not a.no_base)
+    print(format_table(res))
+    saved = save_result(res, a.run)
+    if saved:
+        print(f"details: {saved}")
+    return 0
+
+
+def _merge(a: argparse.Namespace) -> int:
+    from tunesmith.finetune.merge import merge_run
+
+    res = merge_run(a.run, a.out)
+    print(f"merged model written to {res['path']} (max |logit diff| vs base+adapter: {res['max_abs_logit_diff']:.2e})")
+    return 0
+
+
+def _chat(a: argparse.Namespace) -> int:
+    from tunesmith.finetune.generate import GenerationParams, load_generator
+
+    gen = load_generator(a.run)
+    params = GenerationParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                              repetition_penalty=a.repetition_penalty, use_adapter=not a.base)
+    history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
+    prompts = [a.prompt] if a.prompt else None
+    if prompts is None:
+        print(f"chatting with {gen.name}{' (base model)' if a.base else ''}. /reset clears, /exit quits.")
+    while True:
+        if prompts is not None:
+            if not prompts:
+                return 0
+            msg = prompts.pop(0)
+            print(f"> {msg}")
+        else:
+            try:
+                msg = input("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+        if msg in ("/exit", "/quit"):
+            return 0
+        if msg == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not msg:
+            continue
+        history.append({"role": "user", "content": msg})
+        reply = []
+        try:
+            for chunk in gen.stream(history, params):
+                print(chunk.text, end="", flush=True)
+                reply.append(chunk.text)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _preview(a: argparse.Namespace) -> int:
+    from tunesmith.finetune import load_config
+    from tunesmith.finetune.data import DataReport, build_examples, format_preview, load_records
+    from tunesmith.finetune.model import load_tokenizer
+
+    if a.source.endswith((".yaml", ".yml")):
+        cfg = load_config(a.source, a.overrides)
+        files = cfg.data.train
+    else:
+        cfg = load_config(None, [f"base_model={a.base_model}", *a.overrides])
+        files = [a.source]
+    tok = load_tokenizer(cfg.base_model)
+    if cfg.data.chat_template:
+        from tunesmith.finetune.data import resolve_chat_template
+
+        tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
+    records = load_records(files)[a.start: a.start + a.n]
+    report = DataReport()
+    color = sys.stdout.isatty() and not a.no_color
+    for ex in build_examples(records, tok, cfg.data, report):
+        print(format_preview(ex, tok, color=color))
+        print()
+    for line in report.lines():
+        print(line)
+    if not color:
+        print("legend: text inside «» is trained on (loss), the rest is context only")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune with LoRA as a YAML config says")
+    t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_length=1024")
+    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    t.add_argument("--dry-run", action="store_true", help="check config and data, print memory and time estimates")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="loss, perplexity, exact match, ROUGE-L: tuned vs base")
+    e.add_argument("run")
+    e.add_argument("--data", required=True, help="held-out file (same formats as training)")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--limit", type=int, default=None, help="only the first N records")
+    e.add_argument("--no-base", action="store_true", help="skip the base-model column")
+    e.set_defaults(func=_eval)
+
+    m = sub.add_parser("merge", help="merge the adapter into the base and verify the logits")
+    m.add_argument("run")
+    m.add_argument("--out", default=None, help="default: RUN/merged")
+    m.set_defaults(func=_merge)
+
+    c = sub.add_parser("chat", help="chat in the terminal with a run (or any model)")
+    c.add_argument("run", nargs="?", default="embedded")
+    c.add_argument("--prompt", default=None, help="ask one question and exit (no interactive loop)")
+    c.add_argument("--system", default=None)
+    c.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--repetition-penalty", type=float, default=1.1)
+    c.set_defaults(func=_chat)
+
+    d = sub.add_parser("data", help="inspect training data")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    pv = dsub.add_parser("preview", help="show records with the trained-on tokens marked")
+    pv.add_argument("source", help="a data file, or a training YAML config (previews its data.train)")
+    pv.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_on_prompt=true")
+    pv.add_argument("--base-model", default="embedded", help="tokenizer to use when SOURCE is a data file")
+    pv.add_argument("-n", type=int, default=2, help="how many records")
+    pv.add_argument("--start", type=int, default=0)
+    pv.add_argument("--no-color", action="store_true")
+    pv.set_defaults(func=_preview)
+
+    _add_front_ends(sub)
+    return p
+
+
+def _add_front_ends(sub: Any) -> None:
+    from tunesmith.chains.cli import add_parser as add_chain
+    from tunesmith.ui.cli import add_parser as add_ui
+
+    add_chain(sub)
+    add_ui(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a user error: one clear line, not a traceback (use -v for the traceback)
+        from tunesmith.finetune.errors import USER_ERRORS
+
+        if isinstance(e, USER_ERRORS) and not args.verbose:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
