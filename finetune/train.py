@@ -21,8 +21,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config, ConfigError, save_config
-from .data import (IGNORE, DataReport, Example, build_examples, collate, examples_in, load_records, micro_batches,
-                   split_validation)
+from .data import (
+    IGNORE,
+    DataReport,
+    Example,
+    build_examples,
+    collate,
+    examples_in,
+    load_records,
+    micro_batches,
+    split_validation,
+)
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import atomic_dir, latest_checkpoint, load_checkpoint, plot_losses, prune_checkpoints, save_checkpoint
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from tunesmith.finetune.config import DataConfig
 from tunesmith.finetune.data import (
     IGNORE,

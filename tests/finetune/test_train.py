@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tunesmith.finetune.config import load_config
-from tunesmith.finetune.runs import checkpoint_dirs
 from tunesmith.finetune.train import fit, setup, train
 
 ROOT = Path(__file__).parents[2]
