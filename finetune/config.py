@@ -49,7 +49,8 @@ class DataConfig:
 class LoraSection:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
+    """LoRA dropout. 0 by default: on CPU, drawing dropout masks (bernoulli) took 22% of a training step."""
     target_modules: str | list[str] = "auto"
     """`auto` = every linear layer but the output head; or a list such as [q_proj, v_proj]."""
     use_dora: bool = False

@@ -177,6 +177,7 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
     out = s.out
     start = 0
     if resume and (ck := latest_checkpoint(out)) is not None:
+        _check_same_config(cfg, out / "config.yaml")
         start = load_checkpoint(ck, s.model, s.optimizer, s.scheduler)
         acc.print(f"resumed from {ck} (step {start})")
     if acc.is_main_process:
@@ -283,6 +284,32 @@ def _checkpoint(s: Setup, step: int) -> None:
         save_checkpoint(s.out, step, s.model, s.optimizer, s.scheduler)
         prune_checkpoints(s.out, s.cfg.train.keep_checkpoints)
     s.accelerator.wait_for_everyone()
+
+
+_RESUME_FREE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
+                "train.keep_checkpoints"}
+"""Keys that may change between a run and its resume; anything else would silently train a different run."""
+
+
+def _check_same_config(cfg: Config, saved: Path) -> None:
+    if not saved.exists():
+        return
+    import yaml
+
+    from .config import config_to_dict
+
+    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(config_to_dict(cfg))
+    changed = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, new[k]) != new[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"--resume with a config that differs from {saved} ({diffs}). Resume with the same "
+                          "settings, or start a new run with another output_dir.")
 
 
 def _base_meta(cfg: Config) -> dict[str, Any]:
