@@ -191,9 +191,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: `{key}` must be a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except ValueError:
             raise ConfigError(f"{where}: `{key}` must be a number, got {value!r}") from None
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: `{key}` must be a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{where}: `{key}` must be a string, got {value!r}")

@@ -28,6 +28,7 @@ def test_defaults_and_overrides(tmp_path):
     ("train:\n  scheduler: wavy\n", r"`train.scheduler` must be one of \['cosine', 'linear', 'constant'\]"),
     ("train: 3\n", r"`train` must be a mapping"),
     ("train:\n  lr: 5\n", r"`train.lr` must be in \(0, 1\]"),
+    ("train:\n  lr: .nan\n", r"`train.lr` must be a finite number"),
     ("base_model: [1, 2\n", r"c.yaml line \d+: not valid YAML"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, yaml_text, match):
