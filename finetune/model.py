@@ -221,7 +221,8 @@ def load_run(
     from peft import PeftModel
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or pick_dtype("auto", device)
+    # generation on CPU is one token at a time (matrix-vector work), where fp32 kernels beat bf16 ones
+    dtype = dtype or (torch.float32 if device.type == "cpu" else pick_dtype("auto", device))
     src = Path(source).expanduser()
     run_dir: Path | None = None
     cfg: dict[str, Any] = {}

@@ -163,11 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_front_ends(sub: Any) -> None:
-    try:  # TEMPORARY until chains/cli.py and ui/cli.py land
-        from tunesmith.chains.cli import add_parser as add_chain
-        from tunesmith.ui.cli import add_parser as add_ui
-    except ImportError:
-        return
+    from tunesmith.chains.cli import add_parser as add_chain
+    from tunesmith.ui.cli import add_parser as add_ui
+
     add_chain(sub)
     add_ui(sub)
 

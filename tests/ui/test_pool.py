@@ -1,0 +1,54 @@
+"""The model pool: which names a browser or API request may ask for, and one loaded Generator per model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from tunesmith.finetune.generate import GenerationParams
+from tunesmith.ui.pool import ModelPool, UnknownModelError
+
+GREEDY = GenerationParams(max_new_tokens=8, temperature=0)
+
+
+def test_lists_runs_and_their_base(pool, tiny_run_dir):
+    assert pool.default == tiny_run_dir.name
+    assert pool.names()[:2] == [tiny_run_dir.name, tiny_run_dir.name + ":base"]
+    choice = pool.resolve(tiny_run_dir.name + ":base")
+    assert choice.use_adapter is False and choice.source == str(tiny_run_dir)
+
+
+@pytest.mark.parametrize("name", [
+    "../tiny-run", "..", "/etc/passwd", "tiny-run/../../etc", "~/x", "runs\\..\\x", "tiny-run/adapter", "nope",
+    ".hidden", "tiny-run:base:base",
+])
+def test_names_outside_the_listing_are_refused(pool, name):
+    with pytest.raises(UnknownModelError, match="Unknown model"):
+        pool.resolve(name)
+
+
+def test_symlinks_and_unfinished_runs_are_not_offered(tmp_path, tiny_run_dir):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(tiny_run_dir, runs / "good")
+    (runs / "training").mkdir()  # no adapter yet: still training
+    (runs / "training" / "config.yaml").write_text("base_model: x\n")
+    os.symlink(tiny_run_dir, runs / "linked")  # could point anywhere on disk
+    p = ModelPool(runs, default="embedded")
+    assert p.runs() == ["good"]
+    assert p.names() == ["embedded", "good", "good:base"]
+    with pytest.raises(UnknownModelError):
+        p.resolve("linked")
+    with pytest.raises(UnknownModelError):
+        p.resolve("embedded:base")  # no adapter to switch off
+
+
+def test_loads_once_and_keeps_at_most_max_loaded(tmp_path, tiny_run_dir, tiny_model_dir):
+    p = ModelPool(tiny_run_dir.parent, default=str(tiny_model_dir), max_loaded=1)
+    gen, choice = p.get(None)
+    assert p.get(choice.name)[0] is gen  # cached
+    tuned, _ = p.get(tiny_run_dir.name)
+    base, base_choice = p.get(tiny_run_dir.name + ":base")
+    assert tuned is base and base_choice.params(GREEDY).use_adapter is False  # same weights, adapter off
+    assert p.loaded() == [str(tiny_run_dir)]  # the first model was dropped (max_loaded=1)

@@ -1,0 +1,112 @@
+"""Chain mode's two jobs outside the UI: keep uploaded files safe, and make the one call into `chains/`.
+
+Uploaded files come from strangers' browsers. They are only ever read as text: copied, under a cleaned name,
+into a folder of the session's own; anything that is not a small UTF-8 text file of an allowed kind is refused
+with the reason shown to the user. Nothing uploaded is imported, executed, or opened by path from the request.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.finetune.generate import GenerationParams, Generator
+
+ALLOWED_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".csv", ".json", ".jsonl", ".html", ".htm", ".py")
+"""Text formats only (a `.py` file is indexed as text, never run)."""
+MAX_FILE_BYTES = 2 * 1024 * 1024
+MAX_FILES = 20
+
+
+@dataclass
+class DocAnswer:
+    answer: str
+    sources: list[str]
+    """One line per retrieved passage: `file: first words of the passage`."""
+
+
+def new_session_folder() -> str:
+    return tempfile.mkdtemp(prefix="tunesmith-docs-")
+
+
+def remove_session_folder(folder: str | None) -> None:
+    """Called by Gradio when a session ends (tab closed), so uploads do not pile up on the server."""
+    if folder and Path(folder).name.startswith("tunesmith-docs-"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def store_uploads(paths: list[str], folder: str | Path, max_bytes: int = MAX_FILE_BYTES) -> list[str]:
+    """Copy acceptable uploads into `folder`; return one message per file saying stored or why refused."""
+    folder = Path(folder)
+    report = []
+    existing = len(list_documents(folder))
+    for p in paths:
+        src = Path(p)
+        name = _clean_name(src.name)
+        size = src.stat().st_size if src.is_file() else -1
+        if not name.lower().endswith(ALLOWED_SUFFIXES):
+            report.append(f"{src.name}: refused, only text files ({', '.join(ALLOWED_SUFFIXES)}) are indexed")
+        elif size < 0 or size > max_bytes:
+            report.append(f"{src.name}: refused, {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.1f} MB limit")
+        elif existing >= MAX_FILES:
+            report.append(f"{src.name}: refused, at most {MAX_FILES} files per session (start a new session)")
+        elif not _is_utf8_text(src):
+            report.append(f"{src.name}: refused, not UTF-8 text")
+        else:
+            shutil.copyfile(src, folder / name)  # a copy: never a link to wherever the upload landed
+            existing += 1
+            report.append(f"{name}: indexed ({size / 1e3:.1f} kB)")
+    return report
+
+
+def list_documents(folder: str | Path | None) -> list[str]:
+    """The uploaded files (the chain's index lives in the hidden `.index` beside them)."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def ask_documents(gen: Generator, folder: str | Path, question: str, params: GenerationParams) -> DocAnswer:
+    """Answer `question` from the documents in `folder` with the retrieval chain of `tunesmith.chains`."""
+    try:
+        from tunesmith.chains.rag import rag_chain
+    except ImportError as e:
+        raise RuntimeError(
+            "Chain mode needs `tunesmith.chains.rag.rag_chain(docs_dir, generator, params)`, which this install "
+            f"does not have yet ({e}). Update tunesmith, or use the Chat tab."
+        ) from e
+    # the index goes inside the session folder, so it is deleted with it (and rebuilt only when uploads change)
+    chain = rag_chain(folder, gen, params, index_dir=Path(folder) / ".index", suffixes=ALLOWED_SUFFIXES)
+    result = chain.invoke(question)
+    return DocAnswer(str(result["answer"]), [_source_line(s) for s in result.get("sources", [])])
+
+
+def _source_line(src: Any) -> str:
+    """A LangChain Document, a {"source", "text"} dict, or a plain string -> `file: first words`."""
+    meta = getattr(src, "metadata", None) or (src if isinstance(src, dict) else {})
+    text = getattr(src, "page_content", None) or (src.get("text") or src.get("page_content") if isinstance(src, dict) else None)
+    where = Path(str(meta.get("source", ""))).name if meta.get("source") else ""
+    if text is None:
+        return str(src)
+    snippet = " ".join(str(text).split())[:160]
+    return f"{where}: {snippet}" if where else snippet
+
+
+def _clean_name(name: str) -> str:
+    """Only the last path part, in safe characters: `../../x.py` becomes `x.py`, never a path outside the folder."""
+    base = re.split(r"[\\/]", name)[-1]
+    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
+    return base[:120] or "document.txt"
+
+
+def _is_utf8_text(path: Path) -> bool:
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\x00" not in data
