@@ -103,6 +103,10 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup
 
     acc = Accelerator()
     out = Path(cfg.output_dir)
+    if check_output and not resume and ((out / "adapter").exists() or latest_checkpoint(out) is not None):
+        what = "a finished run" if (out / "adapter").exists() else "checkpoints of an unfinished run"
+        raise FileExistsError(f"{out} already holds {what}. Pass --resume to continue it, or set output_dir to a "
+                              f"new folder (e.g. output_dir={out}-2).")
     _seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     if cfg.data.chat_template:
@@ -172,10 +176,6 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
     loss_model, opt = acc.prepare(LossModel(model, t.loss_chunk_size, autocast_dtype=low), opt)
-    if acc.is_main_process and check_output and not resume:
-        if out.exists() and (out / "adapter").exists():
-            raise FileExistsError(f"{out} already holds a finished run. Pass --resume to continue it, or set "
-                                  f"output_dir to a new folder (e.g. output_dir={out}-2).")
     return Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out)
 
 
