@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a user error: one clear line, not a traceback (use -v for the traceback)
+        from tunesmith.chains.errors import ChainError
         from tunesmith.finetune.errors import USER_ERRORS
 
-        if isinstance(e, USER_ERRORS) and not args.verbose:
+        if isinstance(e, (*USER_ERRORS, ChainError)) and not args.verbose:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
