@@ -1,0 +1,245 @@
+"""LoRA SFT throughput: tunesmith vs TRL `SFTTrainer` + peft, same model, data, LoRA, batch, length and steps.
+
+    python benchmarks/train_bench.py                 # embedded SmolLM2-135M, 2 repeats per config, best kept
+    python benchmarks/train_bench.py --tiny          # seconds, tiny random model (CI smoke run)
+
+Each (config, repeat) trains in its own subprocess so peak RSS is clean. Measured per run:
+- real tokens/s: non-pad input tokens of the optimizer steps / wall time of the training loop (model load,
+  tokenization and saving excluded, the same for both);
+- peak RSS: VmHWM of the worker process at the end of training (includes the model load);
+- train loss of the last step (mean over trained tokens; each trainer's own number);
+- held-out loss: every adapter is evaluated by the same code (`tunesmith.finetune.evaluate.eval_loss`, fp32,
+  unpacked, assistant tokens through EOS) on examples/data/test.jsonl, so the losses are comparable.
+
+TRL cannot do `assistant_only_loss` with SmolLM2's chat template (no `{% generation %}` markers and TRL refuses to
+patch it), so TRL gets the data in its prompt-completion form ([system, user] -> [assistant]) and trains with
+`completion_only_loss`: the same assistant tokens as tunesmith plus the "\n" after `<|im_end|>` (one extra trained
+token per example). Input tokens are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "data" / "train.jsonl"
+TEST = ROOT / "examples" / "data" / "test.jsonl"
+
+CONFIGS = {
+    "tunesmith": "tunesmith, packed rows, bf16 base + fp32 LoRA (the product default)",
+    "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
+    "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True",
+    "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), bf16 base + bf16=True",
+}
+DEFAULT = ["tunesmith", "trl-packed", "trl-unpacked"]
+
+
+# -- worker: one training run in this process -------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
+    from tunesmith.finetune import load_config, train
+
+    precision = "fp32" if a.worker == "tunesmith-fp32" else "bf16"
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"base_model={a.model}", f"output_dir={out}", f"data.train=[{TRAIN}]", "data.val_set_size=0",
+        f"data.max_length={a.max_length}", "data.packing=true", f"train.max_steps={a.steps}",
+        f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
+        f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}"])
+    summary = train(cfg)
+    rss = _peak_rss_mb()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    last = rows[-1]
+    return {"tokens": round(last["tokens_per_s"] * last["elapsed_s"]), "seconds": last["elapsed_s"],
+            "trained_tokens": sum(r["target_tokens"] for r in rows), "final_loss": summary["final_loss"],
+            "peak_rss_mb": rss, "adapter": str(out / "adapter")}
+
+
+def _trl_dataset(path: Path):
+    from datasets import Dataset
+
+    rows = []
+    for line in path.read_text().splitlines():
+        msgs = json.loads(line)["messages"]
+        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return Dataset.from_list(rows)
+
+
+def _run_trl(a: argparse.Namespace, out: Path) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    counts = {"tokens": 0, "trained": 0, "t0": None, "t1": None}
+
+    class CountingTrainer(SFTTrainer):
+        """Counts real (non-pad) input tokens and trained tokens of every batch the optimizer sees."""
+
+        def compute_loss(self, model, inputs, *args, **kw):
+            if "attention_mask" in inputs:
+                counts["tokens"] += int(inputs["attention_mask"].sum())
+            else:  # padding-free: one flattened row, no padding
+                counts["tokens"] += int(inputs["input_ids"].numel())
+            counts["trained"] += int((inputs["labels"] != -100).sum())
+            return super().compute_loss(model, inputs, *args, **kw)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kw):
+            counts["t0"] = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            counts["t1"] = time.perf_counter()
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
+    packed = a.worker == "trl-packed"
+    args = SFTConfig(
+        output_dir=str(out), max_steps=a.steps, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=int(round(0.05 * a.steps)), weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", bf16=True, gradient_checkpointing=False, max_length=a.max_length, packing=packed,
+        completion_only_loss=True, logging_steps=1, save_strategy="no", report_to="none", seed=42,
+        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = CountingTrainer(model=model, args=args, train_dataset=_trl_dataset(TRAIN), processing_class=tok,
+                              peft_config=lora, callbacks=[Clock()])
+    trainer.train()
+    rss = _peak_rss_mb()
+    trainer.model.save_pretrained(out / "adapter")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": counts["tokens"], "seconds": round(counts["t1"] - counts["t0"], 2),
+            "trained_tokens": counts["trained"], "final_loss": round(losses[-1], 5), "peak_rss_mb": rss,
+            "adapter": str(out / "adapter")}
+
+
+def _eval_adapter(adapter: str, max_length: int, limit: int) -> float:
+    """The same held-out loss for every adapter: tunesmith's tokenization and masking, fp32, unpacked."""
+    import torch
+    from tunesmith.finetune.config import DataConfig
+    from tunesmith.finetune.data import DataReport, build_examples, load_records
+    from tunesmith.finetune.evaluate import eval_loss
+    from tunesmith.finetune.generate import load_generator
+
+    gen = load_generator(adapter, dtype=torch.float32)
+    recs = load_records([str(TEST)])[:limit]
+    examples = build_examples(recs, gen.tokenizer, DataConfig(max_length=max_length), DataReport())
+    return round(eval_loss(gen, examples, use_adapter=True), 5)
+
+
+def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(42)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    res = _run_tunesmith(a, out) if a.worker.startswith("tunesmith") else _run_trl(a, out)
+    if torch.cuda.is_available():
+        res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    res["eval_loss"] = _eval_adapter(res.pop("adapter"), a.max_length, a.eval_limit)
+    res["tokens_per_s"] = round(res["tokens"] / res["seconds"], 1)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# -- driver: every config in a fresh subprocess, table with ratios ---------------------------------------------
+def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, rep: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config, "--model", model, "--out", str(tmp / f"{config}-{rep}"),
+           "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length), "--r", str(a.r),
+           "--alpha", str(a.alpha), "--lr", str(a.lr), "--eval-limit", str(a.eval_limit),
+           "--threads", str(a.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not lines:
+        sys.stderr.write(p.stdout[-3000:] + p.stderr[-5000:])
+        raise SystemExit(f"{config} failed (exit {p.returncode}); its output is above.")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(results: dict[str, dict], baseline: str) -> str:
+    base = results.get(baseline)
+    head = ["config", "tokens/s", "vs " + baseline, "peak RSS MB", "vs " + baseline, "tokens seen", "trained tok",
+            "train loss", "held-out loss"]
+    rows = [head]
+    for name, r in results.items():
+        tps = f"{base and r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        rss = f"{base and r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        rows.append([name, f"{r['tokens_per_s']:,.0f}", tps, f"{r['peak_rss_mb']:,.0f}", rss, f"{r['tokens']:,}",
+                     f"{r['trained_tokens']:,}", f"{r['final_loss']:.4f}", f"{r['eval_loss']:.4f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    fmt = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join([fmt[0], "-+-".join("-" * w for w in widths), *fmt[1:]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny random model, 3 steps: a smoke run in seconds")
+    ap.add_argument("--configs", default=",".join(DEFAULT), help=f"comma list from {list(CONFIGS)}")
+    ap.add_argument("--baseline", default="trl-packed", help="config the ratios are taken against")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per config; the fastest is kept")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch: packed rows (packing) or examples")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-limit", type=int, default=60, help="held-out records from examples/data/test.jsonl")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    if importlib.util.find_spec("trl") is None:
+        print("TRL is not installed (pip install -e '.[bench]'): running the tunesmith configs only.", flush=True)
+        configs = [c for c in configs if not c.startswith("trl")] or ["tunesmith"]
+    with tempfile.TemporaryDirectory(prefix="train_bench-") as d:
+        tmp = Path(d)
+        if a.tiny:
+            from tunesmith.finetune.tiny import build_tiny_model
+
+            model = str(build_tiny_model(tmp / "tiny"))
+            a.steps, a.batch, a.max_length, a.r, a.alpha, a.eval_limit, a.repeats = 3, 2, 128, 4, 8, 8, 1
+        else:
+            from tunesmith.finetune.model import resolve_base_model
+
+            model = resolve_base_model("embedded")
+        results: dict[str, dict] = {}
+        for c in configs:
+            runs = [_spawn(c, a, model, tmp, i) for i in range(a.repeats)]
+            results[c] = max(runs, key=lambda r: r["tokens_per_s"])
+            results[c]["all_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+            print(f"{c}: {results[c]['all_tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+    print(f"LoRA SFT, {'tiny random model' if a.tiny else 'SmolLM2-135M-Instruct (embedded)'}: r={a.r} "
+          f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, {a.steps} steps, "
+          f"best of {a.repeats}, {os.cpu_count()} CPUs")
+    print(table(results, a.baseline if a.baseline in results else configs[0]))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
