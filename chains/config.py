@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel, create_model
+from tunesmith.finetune.config import read_yaml
 from tunesmith.finetune.generate import GenerationParams
 
 from .errors import ChainConfigError, ChainModelError
@@ -105,12 +105,7 @@ def find_chain_config(name: str) -> Path:
 def load_chain_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ChainConfig:
     """Read and validate a chain YAML; `overrides` ({"model": ..., "params.temperature": 0.5}) win over the file."""
     p = find_chain_config(str(path))
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ChainConfigError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(p, ChainConfigError)
     if not isinstance(raw, dict):
         raise ChainConfigError(f"{p}: must be a mapping of keys (kind: ..., model: ...), got {type(raw).__name__}")
     for key, value in (overrides or {}).items():

@@ -234,6 +234,16 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
 
 
+def read_yaml(p: Path, error: type[Exception] = ConfigError) -> Any:
+    """Parse a YAML file; a syntax error names the file and line (shared by training and chain configs)."""
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise error(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     where = str(path) if path else "defaults"
     raw: dict[str, Any] = {}
@@ -241,12 +251,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}. See configs/ for examples (configs/quickstart.yaml).")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raw = read_yaml(p)
     for ov in overrides or []:
         keys, value = parse_override(ov)
         node = raw
