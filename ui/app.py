@@ -28,7 +28,7 @@ from .documents import (
     remove_session_folder,
     store_uploads,
 )
-from .pool import ModelPool
+from .pool import ModelPool, fit_context
 from .streaming import merge_streams
 
 NONE = "(none)"
@@ -79,7 +79,8 @@ def build_app(pool: ModelPool, concurrency: int = 4,
         for hist, name in panes:
             try:
                 gen, choice = pool.get(name)
-            except ModelLoadError as e:
+                fit_context(gen, _for_model(system, hist), params.max_new_tokens, params.max_new_tokens)
+            except (ModelLoadError, ValueError) as e:  # ValueError: over the context, said so (never cut)
                 raise gr.Error(str(e)) from e
             streams.append(gen.stream(_for_model(system, hist), choice.params(params), cancel=cancel))
             names.append(choice.name)
@@ -130,16 +131,19 @@ def build_app(pool: ModelPool, concurrency: int = 4,
         new = {"role": "user", "content": str(data.value)}
         return [*a, new], ([*b, new] if len(b) == len(a) else b)
 
-    def chat_api(message: str, model: str = pool.default, system: str = "", history: list[dict[str, str]] | None = None,
+    def chat_api(message: str, model: str | None = None, system: str = "", history: list[dict[str, str]] | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
                  repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """One streamed reply (the text so far, growing) to `message` after `history`, for `gradio_client`."""
+        """One streamed reply (the text so far, growing) to `message` after `history`, for `gradio_client`.
+
+        `model` None means the default one: a default named here would be shown on the login page to anyone."""
+        msgs = _for_model(system, [*(history or []), {"role": "user", "content": message}])
         try:
             gen, choice = pool.get(model)
             params = _params(temperature, top_p, max_new_tokens, repetition_penalty, seed)
+            fit_context(gen, msgs, params.max_new_tokens, params.max_new_tokens)
         except (ModelLoadError, ValueError) as e:
             raise gr.Error(str(e)) from e
-        msgs = _for_model(system, [*(history or []), {"role": "user", "content": message}])
         text = ""
         for chunk in gen.stream(msgs, choice.params(params)):
             text += chunk.text

@@ -24,11 +24,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 from tunesmith.finetune.generate import Chunk, Completion, GenerationParams, Generator
 from tunesmith.finetune.model import ModelLoadError
 
 from .batching import Batcher
-from .pool import ModelChoice, ModelPool, UnknownModelError
+from .pool import ContextError, ModelChoice, ModelPool, UnknownModelError, fit_context
 from .streaming import aiter_stream
 
 
@@ -67,14 +68,14 @@ class ChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    stop: str | list[str] | None = Field(None, max_length=4)  # OpenAI's limit: up to 4 stop strings
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch.manual_seed takes 64 bits
     n: int = Field(1, ge=1)
     # not OpenAI's, but what local models are tuned with; vLLM and llama.cpp servers accept the same names
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 def _messages(req: ChatRequest) -> list[dict[str, str]]:
@@ -91,13 +92,14 @@ def _messages(req: ChatRequest) -> list[dict[str, str]]:
     return out
 
 
-def _params(req: ChatRequest, default_max_tokens: int) -> GenerationParams:
+def _params(req: ChatRequest, max_new_tokens: int) -> GenerationParams:
     if req.n != 1:
         raise ApiError(400, "n > 1 is not supported; send n requests (they are batched together).", param="n")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    # an empty stop string would match at once and end every answer after one token
+    stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
     try:
         return GenerationParams(
-            max_new_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
@@ -108,11 +110,58 @@ def _params(req: ChatRequest, default_max_tokens: int) -> GenerationParams:
         raise ApiError(400, str(e)) from e
 
 
+_EXAMPLE = '{"model": "...", "messages": [{"role": "user", "content": "Hello"}]}'
+MAX_BODY_BYTES = 16 * 2**20
+"""Larger request bodies are refused with 413 before they are read (no context holds that much text anyway)."""
+
+
+def _validation_error(e: RequestValidationError) -> ApiError:
+    """The first problem in a request body, named by its field (`messages.0.role`), with what to send instead."""
+    err = e.errors()[0] if e.errors() else {}
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":  # loc holds a character offset here, not a field
+        return ApiError(400, f"The request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')} "
+                             f"at character {loc[0] if loc else 0}). Send a UTF-8 JSON object like {_EXAMPLE}.")
+    # pydantic names union branches too (`content.str`, `content.list[_TextPart]`); they are no fields
+    where = ".".join(x for x in loc if not (x in ("str", "int", "float", "bool") or "[" in x))
+    if not where:
+        return ApiError(400, f"The request body must be a JSON object like {_EXAMPLE}, with content-type "
+                             "application/json.")
+    return ApiError(400, f"Invalid request: {where}: {err.get('msg', 'invalid')}. Fix `{where}` and retry "
+                         "(fields as in OpenAI's chat completions API).", param=where)
+
+
+class _Guard:
+    """Every request, on every route (unknown ones included): the API key first, then the body size."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            error = None
+            if self.api_key is not None:
+                got = headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(got.encode(), self.api_key.encode()):
+                    error = ApiError(401, "Incorrect API key. Pass the key the server was started with (--api-key) "
+                                          "as `api_key=` / `Authorization: Bearer ...`.", code="invalid_api_key")
+            length = headers.get("content-length", "0")
+            if error is None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                error = ApiError(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB (or a bad Content-Length); "
+                                      "send less text.", code="request_too_large")
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4, max_queue: int = 64,
               default_max_tokens: int = 512, batcher: Batcher | None = None) -> FastAPI:
     """The FastAPI app. `concurrency` requests generate at once (non-streamed ones among them are batched);
     up to `max_queue` more wait, further ones get 429."""
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, api_key=api_key)
     batcher = batcher or Batcher(max_batch_size=concurrency)
     slots = _Slots(concurrency, max_queue)
     finished: deque[tuple[str, str]] = deque(maxlen=256)
@@ -126,22 +175,18 @@ def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        return ApiError(400, f"Invalid request: {where or 'body'}: {err.get('msg', 'invalid')}",
-                        param=where or None).response()
+        return _validation_error(e).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> JSONResponse:  # OpenAI's shape, never a traceback
+        return ApiError(500, f"Internal error ({type(e).__name__}); the server log has the details.",
+                        type_="server_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400:  # FastAPI could not decode the body at all (e.g. not UTF-8)
+            return ApiError(400, f"{e.detail}. Send a UTF-8 JSON object like {_EXAMPLE}.").response()
         return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
-
-    def _check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(got.encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect API key. Pass the key the server was started with (--api-key) as "
-                                "`api_key=` / `Authorization: Bearer ...`.", code="invalid_api_key")
 
     def _load(name: str | None) -> tuple[Generator, ModelChoice]:
         try:
@@ -152,24 +197,25 @@ def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4,
             raise ApiError(500, str(e), type_="server_error") from e
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        _check_key(request)
+    async def models() -> dict[str, Any]:
         now = int(time.time())
         return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "tunesmith"}
                                            for n in pool.names()]}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
-        _check_key(request)
+    async def chat(req: ChatRequest) -> JSONResponse | StreamingResponse:
         messages = _messages(req)
-        params = _params(req, default_max_tokens)
+        _params(req, 1)  # refuse bad parameters before loading a model
         gen, choice = await anyio.to_thread.run_sync(_load, req.model)
         try:
-            gen.render(messages)
+            _, max_new = await anyio.to_thread.run_sync(
+                fit_context, gen, messages, req.max_completion_tokens or req.max_tokens, default_max_tokens)
+        except ContextError as e:
+            raise ApiError(400, str(e), param=e.param, code="context_length_exceeded") from e
         except Exception as e:  # a template that rejects these roles or this order: the request's fault
             raise ApiError(400, f"The chat template of {choice.name} rejected these messages: {e}",
                            param="messages") from e
-        params = choice.params(params)
+        params = choice.params(_params(req, max_new))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         slots.admit()
         if not req.stream:
