@@ -38,6 +38,7 @@ class GenerationParams:
     """False answers with the base model alone (same weights in memory), for tuned-vs-base comparisons."""
 
     def __post_init__(self) -> None:
+        self.stop = [s for s in self.stop if s]  # "" would match everywhere and end every answer at once
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -82,3 +82,4 @@ def test_closing_stream_stops_thread(gen):
 def test_bad_params_are_rejected():
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(top_p=0)
+    assert GenerationParams(stop=["", "END"]).stop == ["END"]

@@ -117,6 +117,13 @@ def test_target_modules_listed_and_bad(tiny_model_dir, tmp_path):
         setup(_cfg(tiny_model_dir, tmp_path / "x", "lora.target_modules=[nope]"))
 
 
+def test_max_length_over_the_model_limit_is_refused(tiny_model_dir, tmp_path):
+    from tunesmith.finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.max_length=4096 is over .* limit of 1024 positions"):
+        setup(_cfg(tiny_model_dir, tmp_path / "x", "data.max_length=4096"))
+
+
 def test_qlora_without_cuda_says_so(tiny_model_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
