@@ -221,8 +221,8 @@ def load_run(
     from peft import PeftModel
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # generation on CPU is one token at a time (matrix-vector work), where fp32 kernels beat bf16 ones
-    dtype = dtype or (torch.float32 if device.type == "cpu" else pick_dtype("auto", device))
+    # bf16 where the hardware has it: on an idle 2-core AVX512-BF16 CPU, decoding ran 25.8 tok/s vs 16.6 in fp32
+    dtype = dtype or pick_dtype("auto", device)
     src = Path(source).expanduser()
     run_dir: Path | None = None
     cfg: dict[str, Any] = {}
