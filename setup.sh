@@ -13,8 +13,10 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch first, so nothing later pulls a multi-GB CUDA build onto a CPU-only machine.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${PIP[@]}" "torch==$TORCH"                      # CUDA build from PyPI
-else
-  "${PIP[@]}" "torch==$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu
+elif "$PY" -c "import socket; socket.getaddrinfo('download.pytorch.org', 443)" >/dev/null 2>&1; then
+  "${PIP[@]}" "torch==$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu   # the CPU-only build
+else  # no route to PyTorch's index (offline mirror, air-gapped): take what the configured indexes/wheels offer
+  "${PIP[@]}" "torch==$TORCH"
 fi
 
 "${PIP[@]}" -e ".[dev]"
