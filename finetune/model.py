@@ -106,17 +106,35 @@ def resolve_base_model(name: str) -> str:
 
 
 def _hub_error(name: str, e: Exception) -> ModelLoadError:
+    local = f"No run or model at {name} (no such local folder: {Path(name).resolve()}), and l" if "/" in name else "L"
     return ModelLoadError(
-        f"Could not load '{name}' from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-        "Offline? Download it elsewhere with `huggingface-cli download` and set `base_model` to that local folder, "
+        f"{local}oading '{name}' from the Hugging Face Hub failed ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:160]}). A run lives under its config's output_dir (default runs/). For a hub "
+        "model offline: download it elsewhere with `huggingface-cli download` and point `base_model` at that folder, "
         f"or use the embedded model (`base_model: {EMBEDDED_ALIASES[0]}`)."
     )
+
+
+def _offline_kw(path: str) -> dict[str, Any]:
+    """For a hub id with no route to the Hub, use the local HF cache only: fail in a second, not after retries."""
+    if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE"):
+        return {}
+    import socket
+
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        return {}
+    except OSError:  # no DNS for the Hub: this process is offline, tell huggingface_hub so it stops retrying
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+        return {"local_files_only": True}
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = resolve_base_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_offline_kw(path))
     except OSError as e:
         raise _hub_error(name, e) from e
     if tok.pad_token_id is None:  # padding is masked by attention_mask/labels, so reusing EOS is safe here
@@ -163,7 +181,7 @@ def load_base_model(
         kw["quantization_config"] = _qlora_config(dtype)
         kw["device_map"] = {"": torch.device(device).index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw, **_offline_kw(path))
     except OSError as e:
         raise _hub_error(name, e) from e
     if not load_in_4bit:
