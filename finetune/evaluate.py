@@ -6,6 +6,7 @@ extra memory and uses the exact same prompts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -48,7 +49,7 @@ def rouge_l(pred: str, ref: str) -> float:
 @torch.no_grad()
 def eval_loss(gen: Generator, examples: list[Any], use_adapter: bool, batch_size: int = 8) -> float:
     model = gen.model
-    ctx = model.disable_adapter() if (not use_adapter and gen.has_adapter) else _null()
+    ctx = model.disable_adapter() if (not use_adapter and gen.has_adapter) else contextlib.nullcontext()
     tot, n = 0.0, 0
     with ctx:
         for i in range(0, len(examples), batch_size):
@@ -126,11 +127,3 @@ def _data_cfg(gen: Generator) -> Any:
     raw = dict(gen.loaded.config.get("data", {}))
     raw.update(train=[], validation=[], on_bad_record="error")
     return _build(DataConfig, raw, "data.", "run config")
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None

@@ -7,6 +7,7 @@ really stops the generate loop, left-padded batching, and usage counts.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -65,6 +66,41 @@ class Chunk:
     text: str
     done: bool = False
     completion: Completion | None = None
+
+
+class ContextError(ValueError):
+    """A prompt, or prompt plus `max_new_tokens`, does not fit the model's context; `param` names the culprit."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def context_length(gen: Generator) -> int | None:
+    """Tokens the model reads at most (prompt + answer): its config's `max_position_embeddings`, if it has one."""
+    n = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def fit_context(gen: Generator, messages: Messages, max_new_tokens: int | None, default: int) -> tuple[int, int]:
+    """(prompt tokens, max_new_tokens to use) for `messages`, or ContextError: a prompt is never cut silently.
+
+    A `max_new_tokens` asked for explicitly must fit beside the prompt (as OpenAI answers, 400 otherwise); the
+    `default` is lowered to what fits, since nobody asked for it.
+    """
+    n = gen.count_tokens(gen.render(messages))
+    limit = context_length(gen)
+    if limit is None:
+        return n, max_new_tokens or default
+    if n >= limit:
+        raise ContextError(f"The prompt is {n} tokens but {gen.name} reads at most {limit} (its context, prompt and "
+                           "answer together). Shorten the messages: drop early turns or long pasted text.", "messages")
+    room = limit - n
+    if max_new_tokens is not None and max_new_tokens > room:
+        raise ContextError(f"max_tokens={max_new_tokens} does not fit: the prompt is {n} tokens of {gen.name}'s "
+                           f"{limit}-token context, so at most {room} new tokens fit. Ask for <= {room}, or shorten "
+                           "the messages.", "max_tokens")
+    return n, max_new_tokens or min(default, room)
 
 
 class _RWLock:
@@ -187,13 +223,20 @@ class Generator:
              on_tokens: Any = None) -> list[Completion]:
         enc = self._encode(prompts)
         plen = enc["input_ids"].shape[1]
+        limit = context_length(self)
+        if limit is not None:  # a prompt is never cut silently; the answer stops at the context's end ("length")
+            longest = int(enc["attention_mask"].sum(dim=1).max())
+            if longest >= limit:
+                raise ContextError(f"The prompt is {longest} tokens but {self.name} reads at most {limit} (its context, "
+                                   "prompt and answer together). Shorten the prompt.", "messages")
+            p = replace(p, max_new_tokens=min(p.max_new_tokens, limit - longest))
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
         base_mode = not p.use_adapter and self.has_adapter
         self._lock.acquire(exclusive=base_mode)
         try:
             if p.seed is not None:
                 torch.manual_seed(p.seed)
-            with torch.inference_mode(), (self.model.disable_adapter() if base_mode else _nullcontext()):
+            with torch.inference_mode(), (self.model.disable_adapter() if base_mode else contextlib.nullcontext()):
                 out = self.model.generate(**enc, **self._gen_kwargs(p), stopping_criteria=StoppingCriteriaList([watch]))
         finally:
             self._lock.release(exclusive=base_mode)
@@ -274,18 +317,8 @@ class Generator:
             t.join(timeout=30)
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
 
 def load_generator(source: str | Path, **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id."""
     return Generator(load_run(source, **kw))
 
-
-def with_params(p: GenerationParams, **changes: Any) -> GenerationParams:
-    return replace(p, **{k: v for k, v in changes.items() if v is not None})

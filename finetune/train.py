@@ -6,6 +6,7 @@ exactly: the data order is a pure function of (seed, step), and checkpoints carr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -213,7 +214,7 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
         for j, batch in enumerate(mine):
             inputs = {k: v.to(acc.device) for k, v in collate(batch, cfg.data.packing, pad).items()}
             sync = j == len(mine) - 1
-            with acc.no_sync(s.loss_model) if not sync else _null():
+            with acc.no_sync(s.loss_model) if not sync else contextlib.nullcontext():
                 loss_sum = s.loss_model(**inputs)
                 acc.backward(loss_sum * world / n_targets)
             step_loss += loss_sum.detach()
@@ -387,11 +388,3 @@ def _install_stop_handler() -> Any:
     except ValueError:  # not the main thread (e.g. called from a UI worker): no handler, nothing breaks
         pass
     return lambda: flag["stop"]
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None

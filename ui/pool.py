@@ -13,7 +13,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tunesmith.finetune.generate import GenerationParams, Generator, Messages, load_generator
+from tunesmith.finetune.generate import (  # noqa: F401 - ContextError, fit_context: re-exported for ui/
+    ContextError,
+    GenerationParams,
+    Generator,
+    fit_context,
+    load_generator,
+)
 from tunesmith.finetune.model import ModelLoadError, is_run_dir
 
 BASE_SUFFIX = ":base"
@@ -22,41 +28,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class UnknownModelError(ModelLoadError):
     """A requested model name is not one the pool offers (unknown, malformed, or outside the runs folder)."""
-
-
-class ContextError(ValueError):
-    """A prompt, or prompt plus `max_new_tokens`, does not fit the model's context; `param` names the culprit."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def context_length(gen: Generator) -> int | None:
-    """Tokens the model reads at most (prompt + answer): its config's `max_position_embeddings`, if it has one."""
-    n = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
-def fit_context(gen: Generator, messages: Messages, max_new_tokens: int | None, default: int) -> tuple[int, int]:
-    """(prompt tokens, max_new_tokens to use) for `messages`, or ContextError: a prompt is never cut silently.
-
-    A `max_new_tokens` asked for explicitly must fit beside the prompt (as OpenAI answers, 400 otherwise); the
-    `default` is lowered to what fits, since nobody asked for it.
-    """
-    n = gen.count_tokens(gen.render(messages))
-    limit = context_length(gen)
-    if limit is None:
-        return n, max_new_tokens or default
-    if n >= limit:
-        raise ContextError(f"The prompt is {n} tokens but {gen.name} reads at most {limit} (its context, prompt and "
-                           "answer together). Shorten the messages: drop early turns or long pasted text.", "messages")
-    room = limit - n
-    if max_new_tokens is not None and max_new_tokens > room:
-        raise ContextError(f"max_tokens={max_new_tokens} does not fit: the prompt is {n} tokens of {gen.name}'s "
-                           f"{limit}-token context, so at most {room} new tokens fit. Ask for <= {room}, or shorten "
-                           "the messages.", "max_tokens")
-    return n, max_new_tokens or min(default, room)
 
 
 @dataclass(frozen=True)

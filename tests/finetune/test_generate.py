@@ -83,3 +83,14 @@ def test_bad_params_are_rejected():
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(top_p=0)
     assert GenerationParams(stop=["", "END"]).stop == ["END"]
+
+
+def test_prompt_over_the_context_is_refused_not_cut(gen):
+    from tunesmith.finetune.generate import ContextError
+
+    long = [{"role": "user", "content": "word " * 2000}]  # the tiny model reads 1024 positions
+    with pytest.raises(ContextError, match="reads at most 1024"):
+        gen.generate(long, GREEDY)
+    near = [{"role": "user", "content": "word " * 150}]
+    c = gen.generate(near, GenerationParams(max_new_tokens=500, temperature=0))
+    assert c.prompt_tokens + c.completion_tokens <= 1024  # the answer stops at the context's end
