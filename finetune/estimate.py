@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data import collate, examples_in
+from .data import examples_in
 
 
 def _available_bytes() -> int | None:
@@ -39,8 +39,7 @@ def dry_run(cfg: Config, steps: int = 2) -> str:
         group = [s.batches[i] for i in s.plan[step]]
         n_targets = sum(ex.n_targets for b in group for ex in examples_in(b))
         for batch in group[acc.process_index:: acc.num_processes]:
-            inputs = {k: v.to(acc.device) for k, v in collate(batch, cfg.data.packing, s.tokenizer.pad_token_id).items()}
-            (s.loss_model(**inputs) / n_targets).backward()
+            (s.loss_model(**s.inputs(batch)) / n_targets).backward()
         s.optimizer.zero_grad(set_to_none=True)  # no optimizer step: the dry run must not change anything
         times.append(time.time() - t0)
     per_step = times[-1]

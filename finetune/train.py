@@ -97,6 +97,11 @@ class Setup:
     report: DataReport
     out: Path
 
+    def inputs(self, batch: list[Any]) -> dict[str, torch.Tensor]:
+        """A micro-batch as LossModel keyword tensors on this process's device."""
+        t = collate(batch, self.cfg.data.packing, self.tokenizer.pad_token_id)
+        return {k: v.to(self.accelerator.device) for k, v in t.items()}
+
 
 def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup:
     from accelerate import Accelerator
@@ -128,7 +133,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup
     val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
     if not train_ex:
         raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
-    _check_max_length(cfg, tok)
+    _check_max_length(cfg)
     t = cfg.train
     batches = micro_batches(_shuffled(train_ex, cfg.seed), t.micro_batch_size, cfg.data.max_length, cfg.data.packing,
                             cfg.seed)
@@ -185,7 +190,6 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg, acc, t = s.cfg, s.accelerator, s.cfg.train
-    pad = s.tokenizer.pad_token_id
     rank, world = acc.process_index, acc.num_processes
     out = s.out
     start = 0
@@ -212,7 +216,7 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
         mine = group[rank::world]
         step_loss = torch.zeros((), device=acc.device)
         for j, batch in enumerate(mine):
-            inputs = {k: v.to(acc.device) for k, v in collate(batch, cfg.data.packing, pad).items()}
+            inputs = s.inputs(batch)
             sync = j == len(mine) - 1
             with acc.no_sync(s.loss_model) if not sync else contextlib.nullcontext():
                 loss_sum = s.loss_model(**inputs)
@@ -277,8 +281,7 @@ def evaluate_loss(s: Setup) -> float:
     s.loss_model.eval()
     tot = torch.zeros(2, device=acc.device, dtype=torch.float64)
     for batch in s.val_batches[acc.process_index:: acc.num_processes]:
-        inputs = {k: v.to(acc.device) for k, v in collate(batch, s.cfg.data.packing, s.tokenizer.pad_token_id).items()}
-        tot[0] += s.loss_model(**inputs).double()
+        tot[0] += s.loss_model(**s.inputs(batch)).double()
         tot[1] += sum(ex.n_targets for ex in examples_in(batch))
     tot = acc.reduce(tot, reduction="sum")
     s.loss_model.train()
@@ -330,7 +333,7 @@ def _base_meta(cfg: Config) -> dict[str, Any]:
             "summary": f"{cfg.base_model}"}
 
 
-def _check_max_length(cfg: Config, tok: Any) -> None:
+def _check_max_length(cfg: Config) -> None:
     cfg_file = Path(resolve_base_model(cfg.base_model)) / "config.json"
     if cfg_file.exists():
         limit = json.loads(cfg_file.read_text()).get("max_position_embeddings")
