@@ -34,7 +34,15 @@ from .data import (
     split_validation,
 )
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
-from .runs import atomic_dir, latest_checkpoint, load_checkpoint, plot_losses, prune_checkpoints, save_checkpoint
+from .runs import (
+    atomic_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    plot_losses,
+    prune_checkpoints,
+    read_metrics,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,10 +378,8 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 def _trim_metrics(path: Path, start: int) -> None:
     """On resume, drop metric rows past the checkpoint so the log matches an uninterrupted run."""
-    if not path.exists():
-        return
-    rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start]
-    path.write_text("".join(r + "\n" for r in rows))
+    if path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= start))
 
 
 def _install_stop_handler() -> Any:
