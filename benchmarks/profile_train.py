@@ -40,7 +40,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
 
 def _setup(model: str, out: Path, precision: str, steps: int, batch: int):
     from tunesmith.finetune import load_config
-    from tunesmith.finetune.train import setup
+    from tunesmith.finetune.trainer import setup
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"base_model={model}", f"output_dir={out}", f"data.train=[{TRAIN}]", "data.val_set_size=0",
@@ -246,12 +246,6 @@ def experiments(s, s32, a: argparse.Namespace) -> None:
         "fp32 base (train.precision=fp32)": lambda i: _step(s32, i),
         "fp32 base + torch.autocast(bf16)": lambda i: _step(s32, i, autocast=True),
     }
-    if a.compile:
-        s.loss_model.peft_model.get_base_model().model.compile()
-        t = time.perf_counter()
-        _step(s, 0)
-        print(f"torch.compile: first step (compiling) {time.perf_counter() - t:.0f} s")
-        variants["bf16, torch.compile(decoder)"] = lambda i: _step(s, i)
     tok: dict[str, float] = defaultdict(float)
     sec: dict[str, float] = defaultdict(float)
     for run in variants.values():  # warm-up
@@ -263,6 +257,17 @@ def experiments(s, s32, a: argparse.Namespace) -> None:
             sec[name] += time.perf_counter() - t
             print(f"  round {i + 1}: {name[:60]} {tok[name] / sec[name]:.0f} tokens/s", flush=True)
     ref = next(iter(variants))
+    if a.compile:  # compiling changes `s` for every variant, so it is timed after them, not interleaved
+        s.loss_model.peft_model.get_base_model().model.compile()
+        t = time.perf_counter()
+        _step(s, 0)
+        print(f"torch.compile: first step (compiling) {time.perf_counter() - t:.0f} s", flush=True)
+        name = "bf16, torch.compile(decoder) (timed after the others)"
+        for i in range(a.steps):
+            t = time.perf_counter()
+            tok[name] += _step(s, 1 + i)
+            sec[name] += time.perf_counter() - t
+        variants[name] = variants[ref]
     print(f"\nexperiments, interleaved round-robin, {a.steps} steps each (tokens/s):")
     for name in variants:
         v = tok[name] / sec[name]

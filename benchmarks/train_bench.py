@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ TEST = ROOT / "examples" / "data" / "test.jsonl"
 CONFIGS = {
     "tunesmith": "tunesmith, packed rows, bf16 base + fp32 LoRA (the product default)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
+    "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
     "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True",
     "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), bf16 base + bf16=True",
 }
@@ -56,9 +58,14 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
     from tunesmith.finetune import load_config, train
 
     precision = "fp32" if a.worker == "tunesmith-fp32" else "bf16"
+    if a.worker == "tunesmith-fileorder":  # an experiment, not an option: same rows as TRL's, to isolate batch makeup
+        import tunesmith.finetune.trainer as trainer
+
+        trainer._shuffled = lambda xs, seed: list(xs)
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"base_model={a.model}", f"output_dir={out}", f"data.train=[{TRAIN}]", "data.val_set_size=0",
-        f"data.max_length={a.max_length}", "data.packing=true", f"train.max_steps={a.steps}",
+        f"data.max_length={a.max_length}", "data.packing=true", f"seed={a.seed}",
+        f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
         f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}"])
     summary = train(cfg)
@@ -111,14 +118,19 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
     packed = a.worker == "trl-packed"
     args = SFTConfig(
-        output_dir=str(out), max_steps=a.steps, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
-        learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=int(round(0.05 * a.steps)), weight_decay=0.0, max_grad_norm=1.0,
+        output_dir=str(out), max_steps=-1 if a.epochs else a.steps, num_train_epochs=a.epochs or 1,
+        per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, learning_rate=a.lr,
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", bf16=True, gradient_checkpointing=False, max_length=a.max_length, packing=packed,
-        completion_only_loss=True, logging_steps=1, save_strategy="no", report_to="none", seed=42,
+        completion_only_loss=True, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
+        data_seed=a.seed,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = CountingTrainer(model=model, args=args, train_dataset=_trl_dataset(TRAIN), processing_class=tok,
                               peft_config=lora, callbacks=[Clock()])
+    # the same warmup rule as tunesmith (round(5% of the steps)); TRL's own float form rounds up
+    steps = a.steps if not a.epochs else math.ceil(len(trainer.get_train_dataloader()) * a.epochs)
+    trainer.args.warmup_steps = int(round(0.05 * steps))
     trainer.train()
     rss = _peak_rss_mb()
     trainer.model.save_pretrained(out / "adapter")
@@ -145,7 +157,7 @@ def _eval_adapter(adapter: str, max_length: int, limit: int) -> float:
 def worker(a: argparse.Namespace) -> None:
     import torch
 
-    torch.manual_seed(42)
+    torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -158,8 +170,9 @@ def worker(a: argparse.Namespace) -> None:
 
 
 # -- driver: every config in a fresh subprocess, table with ratios ---------------------------------------------
-def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, rep: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--model", model, "--out", str(tmp / f"{config}-{rep}"),
+def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int, rep: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config, "--model", model,
+           "--out", str(tmp / f"{config}-{seed}-{rep}"), "--seed", str(seed), "--epochs", str(a.epochs),
            "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length), "--r", str(a.r),
            "--alpha", str(a.alpha), "--lr", str(a.lr), "--eval-limit", str(a.eval_limit),
            "--threads", str(a.threads)]
@@ -173,16 +186,35 @@ def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, rep: int) 
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _summarise(runs: list[dict]) -> dict:
+    """Speed: the fastest run (the machine's noise only ever slows a run down). Loss: mean and spread over seeds
+    (repeats of one seed give the same loss), because one seed's data order moves held-out loss by more than the
+    differences between trainers."""
+    best = dict(max(runs, key=lambda r: r["tokens_per_s"]))
+    by_seed = {r["seed"]: r for r in runs}
+    losses = [r["eval_loss"] for r in by_seed.values()]
+    mean = sum(losses) / len(losses)
+    sd = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else 0.0
+    best.update(eval_loss=mean, eval_sd=sd, eval_by_seed={k: r["eval_loss"] for k, r in by_seed.items()},
+                final_loss=sum(r["final_loss"] for r in by_seed.values()) / len(by_seed),
+                tokens=round(sum(r["tokens"] for r in by_seed.values()) / len(by_seed)),
+                trained_tokens=round(sum(r["trained_tokens"] for r in by_seed.values()) / len(by_seed)),
+                all_tokens_per_s=[r["tokens_per_s"] for r in runs])
+    return best
+
+
 def table(results: dict[str, dict], baseline: str) -> str:
     base = results.get(baseline)
     head = ["config", "tokens/s", "vs " + baseline, "peak RSS MB", "vs " + baseline, "tokens seen", "trained tok",
-            "train loss", "held-out loss"]
+            "train loss", "held-out loss", "by seed"]
     rows = [head]
     for name, r in results.items():
         tps = f"{base and r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         rss = f"{base and r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        loss = f"{r['eval_loss']:.4f}" + (f" +- {r['eval_sd']:.4f}" if len(r["eval_by_seed"]) > 1 else "")
+        seeds = " ".join(f"{v:.4f}" for v in r["eval_by_seed"].values())
         rows.append([name, f"{r['tokens_per_s']:,.0f}", tps, f"{r['peak_rss_mb']:,.0f}", rss, f"{r['tokens']:,}",
-                     f"{r['trained_tokens']:,}", f"{r['final_loss']:.4f}", f"{r['eval_loss']:.4f}"])
+                     f"{r['trained_tokens']:,}", f"{r['final_loss']:.4f}", loss, seeds])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     fmt = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join([fmt[0], "-+-".join("-" * w for w in widths), *fmt[1:]])
@@ -193,8 +225,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random model, 3 steps: a smoke run in seconds")
     ap.add_argument("--configs", default=",".join(DEFAULT), help=f"comma list from {list(CONFIGS)}")
     ap.add_argument("--baseline", default="trl-packed", help="config the ratios are taken against")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per config; the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per config and seed; the fastest is kept")
+    ap.add_argument("--seeds", default="42", help="comma list; held-out loss is averaged over them")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--epochs", type=float, default=0.0,
+                    help="train this many epochs instead of --steps: every trainer then sees exactly the same tokens")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch: packed rows (packing) or examples")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
@@ -206,10 +241,12 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
@@ -223,19 +260,24 @@ def main() -> None:
 
             model = str(build_tiny_model(tmp / "tiny"))
             a.steps, a.batch, a.max_length, a.r, a.alpha, a.eval_limit, a.repeats = 3, 2, 128, 4, 8, 8, 1
+            a.epochs, seeds = 0.0, seeds[:2]
         else:
             from tunesmith.finetune.model import resolve_base_model
 
             model = resolve_base_model("embedded")
         results: dict[str, dict] = {}
         for c in configs:
-            runs = [_spawn(c, a, model, tmp, i) for i in range(a.repeats)]
-            results[c] = max(runs, key=lambda r: r["tokens_per_s"])
-            results[c]["all_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
-            print(f"{c}: {results[c]['all_tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+            runs = []
+            for seed in seeds:
+                for i in range(a.repeats):
+                    runs.append({**_spawn(c, a, model, tmp, seed, i), "seed": seed})
+                    print(f"{c} seed {seed}: {runs[-1]['tokens_per_s']} tokens/s, held-out loss "
+                          f"{runs[-1]['eval_loss']}", file=sys.stderr, flush=True)
+            results[c] = _summarise(runs)
     print(f"LoRA SFT, {'tiny random model' if a.tiny else 'SmolLM2-135M-Instruct (embedded)'}: r={a.r} "
-          f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, {a.steps} steps, "
-          f"best of {a.repeats}, {os.cpu_count()} CPUs")
+          f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, "
+          f"{f'{a.epochs:g} epoch(s)' if a.epochs else f'{a.steps} steps'}, seeds {seeds}, speed best of "
+          f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs")
     print(table(results, a.baseline if a.baseline in results else configs[0]))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

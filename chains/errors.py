@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from tunesmith.finetune.model import ModelLoadError
+from tunesmith.finetune.errors import ModelLoadError
 
 
 class ChainError(Exception):

@@ -6,16 +6,35 @@
     print(gen.generate([{"role": "user", "content": "Which module defines `dumps`?"}]).text)
 """
 
-from .config import Config, ConfigError, load_config, save_config
-from .data import DataError
-from .evaluate import evaluate_run
-from .generate import Chunk, Completion, GenerationParams, Generator, load_generator
-from .merge import MergeError, merge_run
-from .model import LoadedRun, ModelLoadError, load_run
-from .train import train
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tunesmith import lazy_exports
+
+if TYPE_CHECKING:
+    from .config import Config, ConfigError, load_config, save_config
+    from .data import DataError
+    from .errors import MergeError, ModelLoadError
+    from .evaluate import evaluate_run
+    from .generate import Chunk, Completion, GenerationParams, Generator, load_generator
+    from .merge import merge_run
+    from .model import LoadedRun, load_run
+    from .trainer import train
+
+# public names load on first use (see tunesmith.lazy_exports): the CLI must start without importing torch
+_WHERE = {
+    "Config": ".config", "ConfigError": ".config", "load_config": ".config", "save_config": ".config",
+    "DataError": ".data", "evaluate_run": ".evaluate", "Chunk": ".generate", "Completion": ".generate",
+    "GenerationParams": ".generate", "Generator": ".generate", "load_generator": ".generate", "MergeError": ".errors",
+    "merge_run": ".merge", "LoadedRun": ".model", "ModelLoadError": ".errors", "load_run": ".model", "train": ".trainer",
+}
 
 __all__ = [
     "Chunk", "Completion", "Config", "ConfigError", "DataError", "GenerationParams", "Generator", "LoadedRun",
     "MergeError", "ModelLoadError", "evaluate_run", "load_config", "load_generator", "load_run", "merge_run",
     "save_config", "train",
 ]
+
+
+__getattr__ = lazy_exports(__name__, _WHERE)

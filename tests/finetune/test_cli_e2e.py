@@ -84,3 +84,18 @@ def test_embedded_model_end_to_end(tmp_path):
                      GenerationParams(max_new_tokens=20, temperature=0))
     assert c.text.strip() and c.completion_tokens > 0
     assert "Paris" in c.text  # the instruct model still knows; 3 LoRA steps must not break it
+
+
+def test_cli_parsing_and_public_names_do_not_import_torch():
+    """`tunesmith --help` answered in ~5 s when the packages imported torch eagerly; names now load on first use."""
+    code = ("import sys; from tunesmith.cli import build_parser; build_parser().format_help(); "
+            "import tunesmith.finetune as f, tunesmith.chains as c; f.ConfigError; c.ChainError; "
+            "print(sorted(m for m in ('torch', 'transformers', 'langchain_core') if m in sys.modules))")
+    r = _run([sys.executable, "-c", code])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+    # a submodule import must not shadow a same-named function (`train` lives in trainer.py for that reason)
+    code = ("import tunesmith.finetune.trainer, tunesmith.finetune.generate; import tunesmith.finetune as f; "
+            "from tunesmith.finetune import train; print(train.__module__, f.load_generator.__module__)")
+    r = _run([sys.executable, "-c", code])
+    assert r.stdout.split() == ["tunesmith.finetune.trainer", "tunesmith.finetune.generate"], r.stderr[-2000:]

@@ -57,7 +57,7 @@ def test_load_errors_are_clear(tmp_path, tiny_run_dir):
 def test_adapter_on_wrong_base_is_refused(tiny_model_dir, tmp_path):
     from tunesmith.finetune.config import load_config
     from tunesmith.finetune.tiny import build_tiny_model
-    from tunesmith.finetune.train import train
+    from tunesmith.finetune.trainer import train
 
     out = tmp_path / "r"
     train(load_config(None, [f"base_model={tiny_model_dir}", f"output_dir={out}", f"data.train=[{DATA}]",

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tunesmith.finetune.config import load_config
-from tunesmith.finetune.train import fit, setup, train
+from tunesmith.finetune.data import IGNORE
+from tunesmith.finetune.trainer import fit, setup, train
 
 ROOT = Path(__file__).parents[2]
 DATA = str(ROOT / "tests" / "fixtures" / "messages.jsonl")
@@ -147,3 +148,63 @@ def test_packing_and_eval_and_gradient_checkpointing(tiny_model_dir, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in rows) and s["eval_loss"] > 0
     assert "bfloat16" in s["dtype"]
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _hf_loss(s, inputs) -> torch.Tensor:
+    """The stock transformers causal-LM loss (what TRL and the HF Trainer optimise), from our pre-shifted targets."""
+    t = inputs["targets"]
+    labels = torch.cat([torch.full_like(t[:, :1], IGNORE), t[:, :-1]], dim=1)  # HF shifts labels itself
+    kw = {k: v for k, v in inputs.items() if k != "targets"}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.loss_model.autocast_dtype is not None):
+        return s.model(**kw, labels=labels, use_cache=False).loss
+
+
+def test_loss_model_is_the_hf_loss_and_bf16_costs_no_accuracy(tiny_model_dir, tmp_path):
+    """Head-only-at-trained-positions + chunked CE is the plain HF loss: same value and LoRA gradients in fp32; in bf16
+    our gradients are no further from the fp32 ones than HF's own autocast path (what TRL runs) is."""
+    packed = ("data.packing=true", "data.max_length=256")
+    s32 = setup(_cfg(tiny_model_dir, tmp_path / "a", *packed))
+    torch.manual_seed(1)
+    for n, p in s32.model.named_parameters():
+        if "lora_B" in n:  # B starts at zero, which would leave A without gradient
+            p.data.normal_(0, 0.05)
+    batch = max(s32.batches, key=lambda b: max(len(row) for row in b))
+    assert max(len(row) for row in batch) > 1  # a packed row really holds several examples
+    inputs = s32.inputs(batch)
+    n_targets = int((inputs["targets"] != IGNORE).sum())
+
+    ours = s32.loss_model(**inputs) / n_targets
+    ours.backward()
+    g_ref = _lora_grads(s32.model)
+    hf = _hf_loss(s32, inputs)
+    hf.backward()
+    g_hf = _lora_grads(s32.model)
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+    for k in g_ref:
+        torch.testing.assert_close(g_ref[k], g_hf[k], rtol=1e-4, atol=1e-6)
+
+    s16 = setup(_cfg(tiny_model_dir, tmp_path / "b", *packed, "train.precision=bf16"))
+    s16.model.load_state_dict(s32.model.state_dict(), strict=False)
+    (s16.loss_model(**inputs) / n_targets).backward()
+    g_ours16 = _lora_grads(s16.model)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in s16.model.modules():  # as peft runs under TRL: activations cast to the fp32 LoRA dtype, then autocast
+        if isinstance(m, BaseTunerLayer):
+            m.cast_input_dtype_enabled = True
+    _hf_loss(s16, inputs).backward()
+    g_hf16 = _lora_grads(s16.model)
+
+    def rel_err(g: dict[str, torch.Tensor]) -> float:
+        num = sum(float((g[k] - g_ref[k]).pow(2).sum()) for k in g_ref)
+        return (num / sum(float(v.pow(2).sum()) for v in g_ref.values())) ** 0.5
+
+    ours_err, hf_err = rel_err(g_ours16), rel_err(g_hf16)
+    assert 0 < ours_err < 0.05, ours_err  # bf16 really ran, and stayed close
+    assert ours_err <= 1.25 * hf_err, (ours_err, hf_err)
