@@ -267,9 +267,8 @@ def experiments(s, s32, a: argparse.Namespace) -> None:
             t = time.perf_counter()
             tok[name] += _step(s, 1 + i)
             sec[name] += time.perf_counter() - t
-        variants[name] = variants[ref]
     print(f"\nexperiments, interleaved round-robin, {a.steps} steps each (tokens/s):")
-    for name in variants:
+    for name in tok:
         v = tok[name] / sec[name]
         print(f"  {name:75s} {v:8.0f}  {v / (tok[ref] / sec[ref]):5.2f}x")
 

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,7 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
     args = SFTConfig(
         output_dir=str(out), max_steps=-1 if a.epochs else a.steps, num_train_epochs=a.epochs or 1,
         per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, learning_rate=a.lr,
-        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", bf16=True, gradient_checkpointing=False, max_length=a.max_length, packing=packed,
         completion_only_loss=True, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
         data_seed=a.seed,
@@ -191,14 +192,13 @@ def _summarise(runs: list[dict]) -> dict:
     (repeats of one seed give the same loss), because one seed's data order moves held-out loss by more than the
     differences between trainers."""
     best = dict(max(runs, key=lambda r: r["tokens_per_s"]))
-    by_seed = {r["seed"]: r for r in runs}
-    losses = [r["eval_loss"] for r in by_seed.values()]
-    mean = sum(losses) / len(losses)
-    sd = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else 0.0
-    best.update(eval_loss=mean, eval_sd=sd, eval_by_seed={k: r["eval_loss"] for k, r in by_seed.items()},
-                final_loss=sum(r["final_loss"] for r in by_seed.values()) / len(by_seed),
-                tokens=round(sum(r["tokens"] for r in by_seed.values()) / len(by_seed)),
-                trained_tokens=round(sum(r["trained_tokens"] for r in by_seed.values()) / len(by_seed)),
+    by_seed = list({r["seed"]: r for r in runs}.values())
+    losses = [r["eval_loss"] for r in by_seed]
+    best.update(eval_loss=statistics.mean(losses), eval_sd=statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                eval_by_seed={r["seed"]: r["eval_loss"] for r in by_seed},
+                final_loss=statistics.mean(r["final_loss"] for r in by_seed),
+                tokens=round(statistics.mean(r["tokens"] for r in by_seed)),
+                trained_tokens=round(statistics.mean(r["trained_tokens"] for r in by_seed)),
                 all_tokens_per_s=[r["tokens_per_s"] for r in runs])
     return best
 
