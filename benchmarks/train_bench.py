@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -59,12 +60,18 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
     from tunesmith.finetune import load_config, train
 
     precision = "fp32" if a.worker == "tunesmith-fp32" else "bf16"
-    if a.worker == "tunesmith-fileorder":  # an experiment, not an option: same rows as TRL's, to isolate batch makeup
+    if a.worker == "tunesmith-fileorder":  # an experiment, not an option: which examples share a packed row
         import tunesmith.finetune.trainer as trainer
+        from tunesmith.finetune.data import pack
 
-        trainer._shuffled = lambda xs, seed: list(xs)
+        def packed_in_file_order(examples, micro_batch_size, max_length, packing, seed=None):
+            rows = pack(examples, max_length)
+            random.Random(seed).shuffle(rows)
+            return [rows[i: i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+        trainer.micro_batches = packed_in_file_order
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"base_model={a.model}", f"output_dir={out}", f"data.train=[{TRAIN}]", "data.val_set_size=0",
+        f"base_model={a.model}", f"output_dir={out}", f"data.train=[{a.train}]", "data.val_set_size=0",
         f"data.max_length={a.max_length}", "data.packing=true", f"seed={a.seed}",
         f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
@@ -127,7 +134,7 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
         data_seed=a.seed,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     lora = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = CountingTrainer(model=model, args=args, train_dataset=_trl_dataset(TRAIN), processing_class=tok,
+    trainer = CountingTrainer(model=model, args=args, train_dataset=_trl_dataset(Path(a.train)), processing_class=tok,
                               peft_config=lora, callbacks=[Clock()])
     # the same warmup rule as tunesmith (round(5% of the steps)); TRL's own float form rounds up
     steps = a.steps if not a.epochs else math.ceil(len(trainer.get_train_dataloader()) * a.epochs)
@@ -176,7 +183,7 @@ def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int,
            "--out", str(tmp / f"{config}-{seed}-{rep}"), "--seed", str(seed), "--epochs", str(a.epochs),
            "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length), "--r", str(a.r),
            "--alpha", str(a.alpha), "--lr", str(a.lr), "--eval-limit", str(a.eval_limit),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), "--train", str(a.train)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -185,6 +192,15 @@ def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int,
         sys.stderr.write(p.stdout[-3000:] + p.stderr[-5000:])
         raise SystemExit(f"{config} failed (exit {p.returncode}); its output is above.")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _permuted(train: Path, seed: int, tmp: Path) -> Path:
+    """The training file with its lines in a seeded random order: one draw of which examples share a packed row."""
+    lines = train.read_text().splitlines(keepends=True)
+    random.Random(10_000 + seed).shuffle(lines)  # not the trainers' own seed stream
+    out = tmp / f"train-permuted-{seed}.jsonl"
+    out.write_text("".join(lines))
+    return out
 
 
 def _summarise(runs: list[dict]) -> dict:
@@ -227,6 +243,11 @@ def main() -> None:
     ap.add_argument("--baseline", default="trl-packed", help="config the ratios are taken against")
     ap.add_argument("--repeats", type=int, default=2, help="runs per config and seed; the fastest is kept")
     ap.add_argument("--seeds", default="42", help="comma list; held-out loss is averaged over them")
+    ap.add_argument("--train", default=str(TRAIN), help="training file (chat `messages` JSONL); held-out stays "
+                    "examples/data/test.jsonl")
+    ap.add_argument("--permute", action="store_true",
+                    help="each seed trains every config on its own random permutation of the training file, so "
+                    "packers that fill rows in file order (TRL, tunesmith) get new rows per seed, the same for all")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--epochs", type=float, default=0.0,
                     help="train this many epochs instead of --steps: every trainer then sees exactly the same tokens")
@@ -266,9 +287,11 @@ def main() -> None:
 
             model = resolve_base_model("embedded")
         results: dict[str, dict] = {}
+        train = a.train
         for c in configs:
             runs = []
             for seed in seeds:
+                a.train = _permuted(Path(train), seed, tmp) if a.permute else train
                 for i in range(a.repeats):
                     runs.append({**_spawn(c, a, model, tmp, seed, i), "seed": seed})
                     print(f"{c} seed {seed}: {runs[-1]['tokens_per_s']} tokens/s, held-out loss "
@@ -276,7 +299,8 @@ def main() -> None:
             results[c] = _summarise(runs)
     print(f"LoRA SFT, {'tiny random model' if a.tiny else 'SmolLM2-135M-Instruct (embedded)'}: r={a.r} "
           f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, "
-          f"{f'{a.epochs:g} epoch(s)' if a.epochs else f'{a.steps} steps'}, seeds {seeds}, speed best of "
+          f"{f'{a.epochs:g} epoch(s)' if a.epochs else f'{a.steps} steps'}, seeds {seeds}"
+          f"{' (training file permuted per seed)' if a.permute else ''}, speed best of "
           f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs")
     print(table(results, a.baseline if a.baseline in results else configs[0]))
     if a.json:

@@ -143,8 +143,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup
         raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
     _check_max_length(cfg)
     t = cfg.train
-    batches = micro_batches(_shuffled(train_ex, cfg.seed), t.micro_batch_size, cfg.data.max_length, cfg.data.packing,
-                            cfg.seed)
+    batches = micro_batches(train_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing, seed=cfg.seed)
     val_batches = micro_batches(val_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing)
 
     # 2) the plan: which micro-batches each optimizer step uses, for every rank, reshuffled each epoch
@@ -352,12 +351,6 @@ def _check_max_length(cfg: Config) -> None:
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-
-
-def _shuffled(xs: list[Example], seed: int) -> list[Example]:
-    xs = list(xs)
-    random.Random(seed).shuffle(xs)
-    return xs
 
 
 def _seed_everything(seed: int) -> None:

@@ -13,6 +13,7 @@ from tunesmith.finetune.data import (
     IGNORE,
     DataError,
     DataReport,
+    Example,
     build_examples,
     collate,
     format_preview,
@@ -182,6 +183,29 @@ def test_micro_batches_cover_every_example_once(tok):
         mbs = micro_batches(ex, 2, 64, packing)
         flat = [e for mb in mbs for item in mb for e in (item if isinstance(item, list) else [item])]
         assert sorted(id(e) for e in flat) == sorted(id(e) for e in ex)
+
+
+def test_training_order_is_shuffled_before_and_after_packing(tok):
+    # a file sorted by label: 24 examples of label 0, then 24 of label 1, ... (token ids = the label)
+    ex = [Example([label] * (5 + i % 2), [label] * (5 + i % 2), f"f.jsonl:{24 * label + i + 1}")
+          for label in range(6) for i in range(24)]
+
+    def labels(row: list[Example]) -> set[int]:
+        return {e.input_ids[0] for e in row}
+
+    in_file_order = pack(ex, 24)
+    assert all(len(labels(r)) == 1 for r in in_file_order)  # packed in file order: one label per row
+    assert [r for mb in micro_batches(ex, 2, 24, True) for r in mb] == in_file_order  # no seed (eval): kept
+
+    rows = [r for mb in micro_batches(ex, 2, 24, True, seed=3) for r in mb]
+    assert sorted(e.where for r in rows for e in r) == sorted(e.where for e in ex)
+    assert sum(len(labels(r)) > 1 for r in rows) >= 0.8 * len(rows)  # training: rows mix labels
+    lengths = [sum(len(e.input_ids) for e in r) for r in rows]
+    assert lengths != sorted(lengths, reverse=True)  # and are not in packing's length order
+
+    unpacked = micro_batches(ex, 4, 24, False, seed=3)
+    assert sorted(e.where for mb in unpacked for e in mb) == sorted(e.where for e in ex)
+    assert sum(len(labels(mb)) > 1 for mb in unpacked) >= 0.8 * len(unpacked)
 
 
 def test_preview_marks_trained_tokens(tok):
