@@ -40,6 +40,7 @@ CONFIGS = {
     "tunesmith": "tunesmith, packed rows, bf16 base + fp32 LoRA (the product default)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
     "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
+    "tunesmith-nl": "tunesmith, also trained on the \"\\n\" after <|im_end|> as TRL is (same rows, labels only)",
     "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True",
     "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), bf16 base + bf16=True",
 }
@@ -70,6 +71,19 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
             return [rows[i: i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
         trainer.micro_batches = packed_in_file_order
+    if a.worker == "tunesmith-nl":  # an experiment: TRL's one extra target, with every row unchanged
+        import tunesmith.finetune.trainer as trainer
+
+        def with_newline_targets(records, tok, cfg, report):
+            out = build_examples(records, tok, cfg, report)
+            for ex in out:
+                for i in range(1, len(ex.input_ids) - 1):
+                    if ex.targets[i - 1] == tok.eos_token_id == ex.input_ids[i]:  # trained EOS: also its "\n"
+                        ex.targets[i] = ex.input_ids[i + 1]
+            return out
+
+        build_examples = trainer.build_examples
+        trainer.build_examples = with_newline_targets
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"base_model={a.model}", f"output_dir={out}", f"data.train=[{a.train}]", "data.val_set_size=0",
         f"data.max_length={a.max_length}", "data.packing=true", f"seed={a.seed}",

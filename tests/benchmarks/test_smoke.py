@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 
 
-def _run(script: str) -> str:
+def _run(script: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p.stdout
@@ -22,6 +22,12 @@ def test_train_bench_tiny_prints_table():
     out = _run("train_bench.py")
     assert "tokens/s" in out and "held-out loss" in out
     assert "tunesmith " in out and "-+-" in out
+
+
+def test_train_bench_seeds_on_permuted_files_and_file_order_experiment():
+    out = _run("train_bench.py", "--configs", "tunesmith,tunesmith-fileorder", "--seeds", "1,2", "--permute")
+    assert "training file permuted per seed" in out and "tunesmith-fileorder" in out
+    assert " +- " in out  # loss mean +- sd over the two seeds
 
 
 def test_chat_bench_tiny_prints_tables():
