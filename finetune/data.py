@@ -412,9 +412,9 @@ def micro_batches(examples: list[Example], micro_batch_size: int, max_length: in
     Rows of max_length (not one long row per micro-batch) keep attention cost at max_length^2 per row.
     With a seed (training) the examples are shuffled first, so a file sorted by label or topic gives neither
     one-label micro-batches (unpacked) nor one-label rows: packing sorts by length, and file order would decide
-    which equal-length examples share a row. On a label-sorted copy of the example data, packing in file order (what
-    TRL's packer does) cost 0.016 held-out loss (benchmarks/README.md). Packed rows are shuffled again after
-    packing, which sorts them by length, so each micro-batch mixes long and short rows.
+    which equal-length examples share a row. (On unsorted data the two orders are the same random procedure; on a
+    label-sorted copy of the example data file order, what TRL's packer does, scored no better: benchmarks/README.md.)
+    Packed rows are shuffled again after packing, which sorts them by length, so micro-batches mix long and short.
     Without a seed (evaluation) the order is kept."""
     if seed is not None:
         examples = list(examples)

@@ -185,7 +185,7 @@ def test_micro_batches_cover_every_example_once(tok):
         assert sorted(id(e) for e in flat) == sorted(id(e) for e in ex)
 
 
-def test_training_order_is_shuffled_before_and_after_packing(tok):
+def test_training_order_is_shuffled_before_and_after_packing():
     # a file sorted by label: 24 examples of label 0, then 24 of label 1, ... (token ids = the label)
     ex = [Example([label] * (5 + i % 2), [label] * (5 + i % 2), f"f.jsonl:{24 * label + i + 1}")
           for label in range(6) for i in range(24)]
