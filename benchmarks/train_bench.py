@@ -192,12 +192,12 @@ def worker(a: argparse.Namespace) -> None:
 
 
 # -- driver: every config in a fresh subprocess, table with ratios ---------------------------------------------
-def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int, rep: int) -> dict:
+def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int, rep: int, train: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--model", model,
            "--out", str(tmp / f"{config}-{seed}-{rep}"), "--seed", str(seed), "--epochs", str(a.epochs),
            "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length), "--r", str(a.r),
            "--alpha", str(a.alpha), "--lr", str(a.lr), "--eval-limit", str(a.eval_limit),
-           "--threads", str(a.threads), "--train", str(a.train)]
+           "--threads", str(a.threads), "--train", str(train)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -301,13 +301,12 @@ def main() -> None:
 
             model = resolve_base_model("embedded")
         results: dict[str, dict] = {}
-        train = a.train
         for c in configs:
             runs = []
             for seed in seeds:
-                a.train = _permuted(Path(train), seed, tmp) if a.permute else train
+                train = _permuted(Path(a.train), seed, tmp) if a.permute else Path(a.train)
                 for i in range(a.repeats):
-                    runs.append({**_spawn(c, a, model, tmp, seed, i), "seed": seed})
+                    runs.append({**_spawn(c, a, model, tmp, seed, i, train), "seed": seed})
                     print(f"{c} seed {seed}: {runs[-1]['tokens_per_s']} tokens/s, held-out loss "
                           f"{runs[-1]['eval_loss']}", file=sys.stderr, flush=True)
             results[c] = _summarise(runs)
