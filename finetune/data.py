@@ -273,18 +273,56 @@ def chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str)
 
 def tokenize_messages(messages: list[dict[str, str]], tokenizer: Any, template: str, train_on_prompt: bool
                       ) -> tuple[list[int], list[bool]]:
-    ids: list[int] = []
-    train: list[bool] = []
-    eos = tokenizer.eos_token_id
-    for text, is_reply in chat_segments(messages, tokenizer, template):
-        seg = tokenizer(text, add_special_tokens=False)["input_ids"]
-        flags = [is_reply or train_on_prompt] * len(seg)
-        if is_reply and eos in seg:  # train through the end-of-turn token, not the newline the template adds after it
-            last = len(seg) - 1 - seg[::-1].index(eos)
-            flags = [f and j <= last for j, f in enumerate(flags)]
-        ids += seg
-        train += flags
+    """Token ids of the whole rendered conversation and, per token, whether it is trained on.
+
+    The conversation is tokenized once, whole, because those are the ids the model sees at inference. Tokenizing
+    each turn on its own and concatenating gives other ids at turn boundaries with SentencePiece-style (Metaspace)
+    tokenizers, which put "▁" in front of every piece of text: a reply alone starts "▁Paris", inside the
+    conversation "assistant\\nParis" it is "Pa" "ris". The strings match, so `chat_segments` cannot see this.
+
+    What is trained is decided by characters: a token is trained when its character span overlaps an assistant
+    reply (a token straddling the boundary counts as reply), through the reply's last end-of-turn token (EOS) but
+    not the template's text after it (ChatML's "\\n"). A token with no characters of its own (offset (s, s): a
+    prepended "▁", or a special token some tokenizers report as (0, 0)) goes with the next token that has some.
+    `train_on_prompt` trains the prompt too, still not the text after each reply's EOS.
+
+    Needs a fast tokenizer for the character offsets. Without one this raises instead of falling back to
+    per-turn tokenization, which would silently train on ids the model never sees.
+    """
+    segs = chat_segments(messages, tokenizer, template)
+    text = "".join(t for t, _ in segs)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # transformers' slow (Python / SentencePiece) tokenizers
+        enc = {}
+    if "offset_mapping" not in enc:
+        raise DataError(f"the tokenizer ({type(tokenizer).__name__}) gives no character offsets, so assistant tokens "
+                        "cannot be located. Use a fast tokenizer: a model folder with tokenizer.json, loaded with "
+                        "AutoTokenizer (use_fast=True).")
+    ids: list[int] = list(enc["input_ids"])
+    owner = _reply_of_tokens([tuple(o) for o in enc["offset_mapping"]], segs)
+    last_eos = {r: j for j, (tid, r) in enumerate(zip(ids, owner)) if r >= 0 and tid == tokenizer.eos_token_id}
+    train = [(r >= 0 or train_on_prompt) and j <= last_eos.get(r, j) for j, r in enumerate(owner)]
     return ids, train
+
+
+def _reply_of_tokens(offsets: list[tuple[int, int]], segs: list[tuple[str, bool]]) -> list[int]:
+    """Per token, the index of the assistant reply its characters overlap (the first, if several), or -1.
+    Zero-width tokens take the value of the next token with characters (of the previous one at the very end)."""
+    spans, pos = [], 0
+    for seg_text, is_reply in segs:
+        if is_reply:
+            spans.append((pos, pos + len(seg_text)))
+        pos += len(seg_text)
+    owner: list[int | None] = [next((r for r, (a, b) in enumerate(spans) if s < b and a < e), -1) if s < e else None
+                               for s, e in offsets]
+    for j in reversed(range(len(owner) - 1)):
+        if owner[j] is None:
+            owner[j] = owner[j + 1]
+    for j in range(1, len(owner)):
+        if owner[j] is None:
+            owner[j] = owner[j - 1]
+    return [-1 if r is None else r for r in owner]
 
 
 def tokenize_text(text: str, tokenizer: Any) -> tuple[list[int], list[bool]]:
@@ -431,17 +469,20 @@ def format_preview(ex: Example, tokenizer: Any, color: bool = True) -> str:
     """Show exactly what is trained on: trained tokens green (or inside «»), everything else dim (or plain).
 
     A token counts as trained when the model is asked to predict it, i.e. when the previous position targets it.
+    Text is decoded as growing prefixes, not token by token: SentencePiece-style decoders drop the "▁" (space) that
+    starts the first token decoded, so "▁is" alone would print as "is" and words would run together.
     """
     trained = [False] + [t != IGNORE for t in ex.targets[:-1]]
-    on, off = ("\033[1;32m", "\033[0m") if color else ("«", "»")
-    out, cur = [], False
-    for tid, flag in zip(ex.input_ids, trained):
-        if flag != cur:
-            out.append(on if flag else off)
-            cur = flag
-        piece = tokenizer.decode([tid])
-        out.append(f"\033[2m{piece}\033[0m" if (color and not flag) else piece)
-    if cur:
-        out.append(off)
+    ends = [j for j in range(1, len(trained)) if trained[j] != trained[j - 1]] + [len(trained)]
+    out, start, shown = [], 0, ""
+    for end in ends:
+        text = tokenizer.decode(ex.input_ids[:end])
+        # not a prefix: e.g. a byte-level token that ends inside a multi-byte character; decode the run alone
+        piece = text[len(shown):] if text.startswith(shown) else tokenizer.decode(ex.input_ids[start:end])
+        if color:
+            out.append(f"\033[1;32m{piece}\033[0m" if trained[start] else f"\033[2m{piece}\033[0m")
+        else:
+            out.append(f"«{piece}»" if trained[start] else piece)
+        start, shown = end, text
     n = sum(trained)
     return "".join(out) + f"\n-- {len(ex.input_ids)} tokens, {n} trained on ({ex.where})"

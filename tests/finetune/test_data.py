@@ -10,18 +10,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunesmith.finetune.config import DataConfig
 from tunesmith.finetune.data import (
+    CHATML_TEMPLATE,
     IGNORE,
     DataError,
     DataReport,
     Example,
     build_examples,
+    chat_segments,
     collate,
     format_preview,
     load_records,
+    make_example,
     micro_batches,
     pack,
     read_records,
+    tokenize_messages,
 )
+from tunesmith.finetune.tiny import build_tiny_tokenizer
 
 FIX = Path(__file__).parent.parent / "fixtures"
 
@@ -212,3 +217,91 @@ def test_preview_marks_trained_tokens(tok):
     ex = _build(tok, FIX / "messages.jsonl")[1]
     out = format_preview(ex, tok, color=False)
     assert "«four<|im_end|>»" in out and "1 trained on" not in out and "trained on" in out
+
+
+# -- masks from the whole conversation, tokenized once -----------------------------------------------------------
+MULTI_TURN = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+    {"role": "user", "content": "And of Germany?"},
+    {"role": "assistant", "content": "Berlin is the capital of Germany."},
+]
+REPLIES = ["Paris is the capital of France.<|im_end|>", "Berlin is the capital of Germany.<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def ms_tok():
+    """SentencePiece-style (Metaspace) tiny tokenizer: "▁" prepended to every piece of text."""
+    return build_tiny_tokenizer(kind="metaspace")
+
+
+def _whole(tok, msgs=MULTI_TURN) -> list[int]:
+    """What the model sees at inference: the full render tokenized in one go."""
+    text = tok.apply_chat_template(msgs, chat_template=CHATML_TEMPLATE, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _masked(tok, msgs=MULTI_TURN, train_on_prompt=False) -> tuple[list[int], list[bool], Example]:
+    ids, train = tokenize_messages(msgs, tok, CHATML_TEMPLATE, train_on_prompt)
+    return ids, train, make_example(ids, train, len(ids), "conv")[0]
+
+
+def test_metaspace_ids_are_the_whole_conversation_tokenized_once(ms_tok):
+    ids, train, ex = _masked(ms_tok)
+    assert ids == _whole(ms_tok)
+    assert _trained_text(ms_tok, ex) == REPLIES
+    # the old way, each segment tokenized on its own, gives other ids for the same text: alone, a reply starts
+    # with a prepended "▁"; inside the conversation it follows "assistant\n" and gets none
+    segs = chat_segments(MULTI_TURN, ms_tok, CHATML_TEMPLATE)
+    assert segs[1] == ("Paris is the capital of France.<|im_end|>\n", True)
+    per_segment = [ms_tok(text, add_special_tokens=False)["input_ids"] for text, _ in segs]
+    assert [i for seg in per_segment for i in seg] != ids
+    assert ms_tok.convert_ids_to_tokens(per_segment[1][0]).startswith("▁")
+    assert not ms_tok.convert_ids_to_tokens(ids[train.index(True)]).startswith("▁")
+
+
+def test_metaspace_train_on_prompt_skips_only_the_text_after_each_eos(ms_tok):
+    ids, train, _ = _masked(ms_tok, train_on_prompt=True)
+    assert ids == _whole(ms_tok)
+    assert [ms_tok.convert_ids_to_tokens(i) for i, f in zip(ids, train) if not f] == ["▁", "\n"] * 2
+
+
+def test_bytelevel_ids_are_the_whole_conversation_tokenized_once(tok):
+    ids, _, ex = _masked(tok)
+    assert ids == _whole(tok)
+    assert _trained_text(tok, ex) == REPLIES
+
+
+class _ZeroWidthSpecials:
+    """A tokenizer that reports (0, 0) offsets for special tokens, as some do for added tokens."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kw):
+        enc = self.tok(text, **kw)
+        special = set(self.tok.all_special_ids)
+        enc["offset_mapping"] = [(0, 0) if i in special else o for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
+        return enc
+
+
+def test_zero_width_tokens_go_with_the_next_token(ms_tok):
+    # <|im_end|> at (0, 0) still ends its reply (trained), <|im_start|> at (0, 0) still starts a prompt (not trained)
+    assert tokenize_messages(MULTI_TURN, _ZeroWidthSpecials(ms_tok), CHATML_TEMPLATE, False) == _masked(ms_tok)[:2]
+
+
+def test_tokenizer_without_offsets_is_a_data_error():
+    from transformers import CanineTokenizer  # a Python ("slow") tokenizer that needs no files
+
+    with pytest.raises(DataError, match="no character offsets.*Use a fast tokenizer"):
+        tokenize_messages(MULTI_TURN, CanineTokenizer(), CHATML_TEMPLATE, False)
+
+
+def test_preview_shows_the_metaspace_trained_span_with_its_spaces(ms_tok):
+    out = format_preview(_masked(ms_tok)[2], ms_tok, color=False)
+    assert all(f"«{reply}»" in out for reply in REPLIES), out
+    assert "What is the capital of France?<|im_end|>" in out  # prompt text keeps its spaces too
