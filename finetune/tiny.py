@@ -1,4 +1,5 @@
-"""A tiny random Llama model with a real BPE tokenizer and ChatML template, built in-process in about a second.
+"""Tiny random causal LMs (Llama by default, or any of FAMILIES) with a real tokenizer and ChatML template, built
+in-process in about a second.
 
 Tests, CI benchmark smoke runs and examples use it so that nothing needs the network or the 135M model.
 """
@@ -6,6 +7,7 @@ Tests, CI benchmark smoke runs and examples use it so that nothing needs the net
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,18 +25,37 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
+def build_tiny_tokenizer(vocab_size: int = 512, kind: str = "bpe"):
+    """A small trained tokenizer with the ChatML special tokens and template.
+
+    `kind="bpe"`: GPT-2 style ByteLevel BPE, what the tiny model ships (pinned test losses depend on it exactly).
+    `kind="metaspace"`: SentencePiece style (Llama 2, Mistral): spaces become "▁" and every piece of text between
+    special tokens gets a leading "▁", so a turn tokenized on its own gives other ids than the same turn inside the
+    whole conversation. Tests of the label masks use it to catch exactly that. Characters outside printable ASCII
+    become the unk token <|endoftext|> (no byte fallback: enough for tests, not for real text).
+    """
+    import string
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
+    if kind == "bpe":
+        tk = Tokenizer(models.BPE(unk_token=None))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif kind == "metaspace":
+        tk = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        alphabet = sorted(set(string.printable) - {" "}) + ["▁"]
+    else:
+        raise ValueError(f"build_tiny_tokenizer: unknown kind {kind!r}. Use 'bpe' or 'metaspace'.")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tk.train_from_iterator(_CORPUS * 4, trainer=trainer)
@@ -49,6 +70,37 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     return tok
 
 
+_WINDOW = 8
+"""Sliding window of the tiny sliding-window families: shorter than the test examples, so the window really cuts."""
+
+_FAMILY_CONFIG: dict[str, dict[str, Any]] = {
+    # model_type -> what differs from the shared tiny shape: each family's distinctive feature switched on, and
+    # tie_word_embeddings as its small checkpoints ship
+    "llama": {"tie_word_embeddings": True},
+    "mistral": {"sliding_window": _WINDOW, "tie_word_embeddings": False},
+    "qwen2": {"tie_word_embeddings": True},  # q/k/v projections with bias
+    "qwen3": {"head_dim": 16, "tie_word_embeddings": True},  # per-head q/k RMSNorm
+    # gemma2 ships final_logit_softcapping=30, but a random tiny head's logits are < 1, where tanh(x/30)*30 is x within
+    # 4e-4: a cap of 1 makes the softcapping bend them, so a loss that skips it is caught
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": _WINDOW, "final_logit_softcapping": 1.0,
+               "attn_logit_softcapping": 50.0, "tie_word_embeddings": True},  # layers alternate sliding / full
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": _WINDOW,
+                    "sliding_window_pattern": 2, "tie_word_embeddings": True},  # ships without logit softcapping
+    "phi3": {"partial_rotary_factor": 0.75, "tie_word_embeddings": False},  # fused qkv_proj and gate_up_proj
+    "granite": {"logits_scaling": 4.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                "attention_multiplier": 0.0625, "tie_word_embeddings": True},
+    "cohere": {"logit_scale": 0.0625, "use_qk_norm": True, "tie_word_embeddings": True},  # LayerNorm, parallel block
+    "olmo2": {"tie_word_embeddings": False},  # norms after attention/MLP, q/k RMSNorm over all heads
+    "smollm3": {"no_rope_layer_interval": 2, "tie_word_embeddings": True},  # every 2nd layer without RoPE (NoPE)
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                  "tie_word_embeddings": False},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+}
+
+FAMILIES = tuple(_FAMILY_CONFIG)
+"""Architectures `build_tiny_model` can build (transformers `model_type` names)."""
+
+
 def build_tiny_model(
     out_dir: str | Path,
     seed: int = 0,
@@ -56,19 +108,26 @@ def build_tiny_model(
     num_layers: int = 2,
     vocab_size: int = 512,
     pad_is_eos: bool = False,
+    family: str = "llama",
+    tokenizer: str = "bpe",
 ) -> Path:
-    """Write a tiny random LlamaForCausalLM + tokenizer folder and return its path.
+    """Write a tiny random causal LM of `family` (one of FAMILIES) + tokenizer folder and return its path.
 
+    Every family gets the same tiny shape (2 layers, 4 heads, 2 KV heads) so the architecture matrix tests run in
+    seconds; `tokenizer` is the `build_tiny_tokenizer` kind (`bpe` or `metaspace`).
     `pad_is_eos` reproduces the SmolLM2 setup (pad token == EOS), the classic case where masking pad labels
     silently stops the model from learning to end its turn.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if family not in _FAMILY_CONFIG:
+        raise ValueError(f"family={family!r}: not a tiny family; pick one of {', '.join(FAMILIES)}.")
     out = Path(out_dir)
-    tok = build_tiny_tokenizer(vocab_size)
+    tok = build_tiny_tokenizer(vocab_size, kind=tokenizer)
     if pad_is_eos:
         tok.pad_token = tok.eos_token
-    cfg = LlamaConfig(
+    cfg = AutoConfig.for_model(
+        family,
         vocab_size=len(tok),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -79,10 +138,10 @@ def build_tiny_model(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        **_FAMILY_CONFIG[family],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -98,8 +157,8 @@ def build_tiny_run(out_dir: str | Path, base_dir: str | Path, seed: int = 0) -> 
 
     out = Path(out_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)  # before get_peft_model: lora_A's init must not depend on which tests ran first
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    torch.manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
