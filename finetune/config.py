@@ -75,7 +75,9 @@ class TrainSection:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """`auto`: bf16 where the CPU/GPU runs it fast, else fp32. The frozen base is stored in this dtype; LoRA in fp32."""
+    """`auto`: bf16 where the CPU/GPU runs it fast, fp16 on GPUs without bf16 (T4, V100), else fp32. The frozen base
+    is stored in this dtype, LoRA weights in fp32; fp16 adds dynamic loss scaling, and a run whose fp16 activations
+    overflow stops with a message instead of diverging."""
     gradient_checkpointing: bool = False
     eval_every: int = 50
     """Steps between validation-loss evaluations (0 = only at the end)."""
@@ -85,6 +87,9 @@ class TrainSection:
     log_every: int = 1
     loss_chunk_size: int = 1024
     """Tokens per chunk of the output-head + cross-entropy computation, so 49k-vocab logits are never all in memory."""
+    fused_loss: bool = True
+    """Output head + cross-entropy only at trained positions, in chunks (less memory and time). It is checked against
+    the model's own loss before the first step; `false` trains through the model's own forward instead."""
 
 
 @dataclass

@@ -17,6 +17,10 @@ class MergeError(RuntimeError):
     """An adapter could not be merged, or the merged model does not reproduce base + adapter."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (the loss is not finite, fp16 overflows); the message says which setting fixes it."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, ModelLoadError, MergeError, FileExistsError, FileNotFoundError,
+    ConfigError, DataError, ModelLoadError, MergeError, TrainingError, FileExistsError, FileNotFoundError,
 )

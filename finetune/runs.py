@@ -54,32 +54,65 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any) -> Path:
+def full_state(module: Any, names: set[str], optimizer: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainable weights (those in `names`) and optimizer state, whole and on CPU, keyed by parameter name.
+
+    torch's distributed-checkpoint helpers give the same result for one process, DDP and FSDP (where each rank holds
+    only a shard): a collective there, so every rank must call it. Rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = {k: v for k, v in get_model_state_dict(module, options=opts).items() if k in names}
+    optim = get_optimizer_state_dict(module, optimizer, options=opts) if optimizer is not None else {}
+    return weights, optim
+
+
+def save_adapter(peft_model: Any, weights: dict[str, Any], folder: Path, prefix: str = "peft_model.") -> None:
+    """peft's own adapter folder, written from the gathered weights (never from a rank's shard)."""
+    peft_model.save_pretrained(folder, state_dict={k.removeprefix(prefix): v for k, v in weights.items()})
+
+
+def save_checkpoint(out: Path, step: int, peft_model: Any, weights: dict[str, Any], optim: dict[str, Any],
+                    scheduler: Any, scaler: Any = None, meta: dict[str, Any] | None = None) -> Path:
+    """`weights`/`optim` come from `full_state`; `meta` (total steps, world size) goes to trainer_state.json, so a
+    resume can refuse a changed schedule."""
     final = Path(out) / "checkpoints" / f"step-{step}"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        save_adapter(peft_model, weights, tmp / "adapter")
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "weights": weights,
+            "optimizer": optim,
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
         torch.save(state, tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(meta or {})}))
     return final
 
 
-def load_checkpoint(ck: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the step to continue from."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def read_trainer_state(ck: Path) -> dict[str, Any]:
+    f = Path(ck) / "trainer_state.json"
+    return json.loads(f.read_text()) if f.exists() else {}
 
-    weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
+
+def load_checkpoint(ck: Path, module: Any, optimizer: Any, scheduler: Any, scaler: Any = None) -> int:
+    """Restore trainable weights, optimizer, scheduler, fp16 loss scale and RNG into the prepared (DDP/FSDP) module;
+    every rank calls it and reads the same file. Returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     state = torch.load(ck / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if "weights" not in state:
+        raise FileNotFoundError(f"{ck} was written by an older tunesmith (no gathered weights in state.pt) and cannot "
+                                "be resumed exactly. Start the run again with another output_dir.")
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(module, state["weights"], options=opts)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=opts)
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"].get("cuda") is not None and torch.cuda.is_available():

@@ -13,17 +13,15 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import Config, ConfigError, save_config
 from .data import (
-    IGNORE,
     DataReport,
     Example,
     build_examples,
@@ -33,58 +31,23 @@ from .data import (
     micro_batches,
     split_validation,
 )
+from .errors import TrainingError
+from .loss import LossModel, check_loss
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import (
     atomic_dir,
+    full_state,
     latest_checkpoint,
     load_checkpoint,
     plot_losses,
     prune_checkpoints,
     read_metrics,
+    read_trainer_state,
+    save_adapter,
     save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
-
-
-class LossModel(torch.nn.Module):
-    """Backbone forward + cross-entropy on trained positions only, in chunks through the output head.
-
-    Only positions with a target go through the 49k-wide head (prompt tokens cost nothing there), and each chunk is
-    recomputed in backward instead of keeping full logits, so memory stays flat in sequence length.
-    Wrapping this (not the bare model) in DDP keeps gradient sync working with our own forward.
-    """
-
-    def __init__(self, peft_model: torch.nn.Module, chunk: int, autocast_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.peft_model = peft_model
-        self.chunk = chunk
-        self.autocast_dtype = autocast_dtype
-        if autocast_dtype is not None:
-            # fp32 LoRA weights on a bf16 base: peft would cast every activation to fp32 and back (17% of a CPU
-            # step); under autocast the small LoRA weights are cast instead and the activations stay bf16
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for m in peft_model.modules():
-                if isinstance(m, BaseTunerLayer):
-                    m.cast_input_dtype_enabled = False
-
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
-        causal = self.peft_model.get_base_model()
-        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            hidden = causal.get_decoder()(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-        keep = targets != IGNORE
-        h, t = hidden[keep], targets[keep]
-        w = causal.get_output_embeddings().weight
-        if h.shape[0] * w.shape[0] <= 64 * 2**20:  # small: one shot, no recompute
-            return _ce_sum(h, t, w)
-        return sum(checkpoint(_ce_sum, h[i: i + self.chunk], t[i: i + self.chunk], w, use_reentrant=False)
-                   for i in range(0, h.shape[0], self.chunk))
-
-
-def _ce_sum(h: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
 
 
 @dataclass
@@ -104,6 +67,8 @@ class Setup:
     val_batches: list[list[Example]]
     report: DataReport
     out: Path
+    scaler: Any = None
+    """torch.amp.GradScaler for fp16 (loss scaling keeps small gradients from flushing to zero), else None."""
 
     def inputs(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         """A micro-batch as LossModel keyword tensors on this process's device."""
@@ -111,11 +76,19 @@ class Setup:
         return {k: v.to(self.accelerator.device) for k, v in t.items()}
 
 
-def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup:
+def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelerator: Any = None) -> Setup:
+    """Everything the loop needs. `accelerator`: your own `accelerate.Accelerator` (default: one from the
+    `accelerate launch` config, or a single process)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    acc = Accelerator()
+    acc = accelerator or Accelerator()
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported by tunesmith's loop yet (its engine steps the optimizer inside backward and "
+            "shards what the loop saves; untested setups are refused rather than trained wrong). Use FSDP2 "
+            "(accelerate launch --config_file configs/accelerate/fsdp.yaml) to shard a model over several GPUs.")
     out = Path(cfg.output_dir)
     if check_output and not resume and ((out / "adapter").exists() or latest_checkpoint(out) is not None):
         what = "a finished run" if (out / "adapter").exists() else "checkpoints of an unfinished run"
@@ -188,21 +161,42 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True) -> Setup
     name = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
-    loss_model, opt = acc.prepare(LossModel(model, t.loss_chunk_size, autocast_dtype=low), opt)
-    return Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out)
+    loss_model, opt = acc.prepare(LossModel(model, t.loss_chunk_size, autocast_dtype=low, fused=t.fused_loss), opt)
+    # fp16 needs loss scaling. torch's GradScaler is what Accelerate builds for fp16 on GPUs; used directly so the
+    # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
+    scaler = torch.amp.GradScaler(acc.device.type) if dtype == torch.float16 else None
+    s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler)
+    # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
+    if t.fused_loss:
+        first = s.inputs(batches[plan[0][0]][:1])
+        check_loss(loss_model, first, cfg.base_model, rtol=1e-4 if dtype == torch.float32 else 2e-2)
+        if hasattr(loss_model, "reshard"):  # FSDP2 leaves the root's parameters gathered after a forward
+            loss_model.reshard()
+    return s
 
 
 def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
-    """The training loop. Returns the summary also written to `summary.json`."""
+    """Train. Returns the summary also written to `summary.json`.
+
+    SIGTERM / Ctrl-C ask for a checkpoint and a clean exit; the previous handlers are back once this returns, so a
+    notebook or the UI that called it still gets its Ctrl-C."""
+    with _stop_on_signal() as stop_requested:
+        return _loop(s, resume, stop_requested)
+
+
+def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool]) -> dict[str, Any]:
+    """The training loop, read top to bottom."""
     from tqdm.auto import tqdm
 
     cfg, acc, t = s.cfg, s.accelerator, s.cfg.train
     rank, world = acc.process_index, acc.num_processes
     out = s.out
+    total = len(s.plan)
     start = 0
     if resume and (ck := latest_checkpoint(out)) is not None:
         _check_same_config(cfg, out / "config.yaml")
-        start = load_checkpoint(ck, s.model, s.optimizer, s.scheduler)
+        _check_same_schedule(ck, total, world, cfg)
+        start = load_checkpoint(ck, s.loss_model, s.optimizer.optimizer, s.scheduler, s.scaler)
         acc.print(f"resumed from {ck} (step {start})")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -210,10 +204,8 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
         _trim_metrics(out / "metrics.jsonl", start)
         for line in s.report.lines():
             acc.print(line)
-    stop_requested = _install_stop_handler()
-    total = len(s.plan)
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
-    t0, tokens_seen, loss_ema, last = time.time(), 0, None, {}
+    t0, tokens_seen, loss_ema, last, skipped_in_a_row, skipped = time.time(), 0, None, {}, 0, 0
     s.loss_model.train()
     for step in range(start, total):
         group = [s.batches[i] for i in s.plan[step]]
@@ -227,31 +219,48 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
             sync = j == len(mine) - 1
             with acc.no_sync(s.loss_model) if not sync else contextlib.nullcontext():
                 loss_sum = s.loss_model(**inputs)
-                acc.backward(loss_sum * world / n_targets)
+                scaled = loss_sum * world / n_targets
+                acc.backward(s.scaler.scale(scaled) if s.scaler else scaled)
             step_loss += loss_sum.detach()
             tokens_seen += sum(len(ex.input_ids) for ex in examples_in(batch))
-        # 2) clip, step, schedule
+        loss = acc.reduce(step_loss, reduction="sum").item() / n_targets
+        if not math.isfinite(loss):  # every rank sees the same reduced value, so all stop together
+            raise TrainingError(_diverged(step + 1, loss, t, fp16=s.scaler is not None))
+        # 2) clip, step (fp16: skipped when the scaled gradients overflowed, and the scale lowered), schedule
+        if s.scaler:
+            s.scaler.unscale_(s.optimizer)
         grad_norm = acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        s.optimizer.step()
+        if s.scaler:
+            scale = s.scaler.get_scale()
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            skipped_in_a_row = skipped_in_a_row + 1 if s.scaler.get_scale() < scale else 0
+            skipped += skipped_in_a_row > 0
+            if skipped_in_a_row >= _MAX_SKIPPED:
+                raise TrainingError(_diverged(step + 1, loss, t, fp16=True, skipped=skipped_in_a_row))
+        else:
+            s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
-        loss = acc.reduce(step_loss, reduction="sum").item() / n_targets
         # 3) log, evaluate, checkpoint
         elapsed = time.time() - t0
         tps = tokens_seen * world / max(elapsed, 1e-9)
         loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
         last = {"step": step + 1, "loss": round(loss, 5), "lr": s.scheduler.get_last_lr()[0],
-                "grad_norm": round(float(grad_norm), 5) if grad_norm is not None else None,
+                "grad_norm": round(float(grad_norm), 5) if grad_norm is not None and math.isfinite(grad_norm) else None,
                 "target_tokens": n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2)}
+        if skipped_in_a_row:
+            last["skipped"] = True  # fp16 overflow: this step changed no weights
         if t.eval_every > 0 and (step + 1) % t.eval_every == 0 and s.val_batches and step + 1 < total:
             last["eval_loss"] = evaluate_loss(s)
         if acc.is_main_process and ((step + 1) % t.log_every == 0 or "eval_loss" in last):
             _append_jsonl(out / "metrics.jsonl", last)
         bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-        if (t.save_every > 0 and (step + 1) % t.save_every == 0 and step + 1 < total) or stop_requested():
+        stop = _any_rank(acc, stop_requested())  # a signal seen by one rank stops all of them at the same step
+        if (t.save_every > 0 and (step + 1) % t.save_every == 0 and step + 1 < total) or stop:
             _checkpoint(s, step + 1)
-            if stop_requested():
+            if stop:
                 acc.print(f"\nstopped at step {step + 1}; checkpoint saved. Continue with --resume.")
                 bar.close()
                 raise SystemExit(143)
@@ -260,15 +269,17 @@ def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
     summary = {"steps": total, "final_loss": last.get("loss"), "train_tokens_per_s": last.get("tokens_per_s"),
                "train_time_s": round(time.time() - t0, 1), "data": s.report.lines(), "world_size": world,
                "dtype": str(next(s.model.parameters()).dtype)}
+    if s.scaler:
+        summary["fp16_skipped_steps"] = skipped
     if s.val_batches:
         summary["eval_loss"] = evaluate_loss(s)
         summary["eval_ppl"] = round(math.exp(min(summary["eval_loss"], 50)), 3)
         if acc.is_main_process:
             _append_jsonl(out / "metrics.jsonl", {"step": total, "eval_loss": summary["eval_loss"]})
-    acc.wait_for_everyone()
+    weights, _ = full_state(s.loss_model, _trainable(s))  # every rank: under FSDP each holds only a shard
     if acc.is_main_process:
         with atomic_dir(out / "adapter") as tmp:
-            s.model.save_pretrained(tmp)
+            save_adapter(s.model, weights, tmp)
             (tmp / "tunesmith_base.json").write_text(json.dumps(_base_meta(cfg)))
         with atomic_dir(out / "tokenizer") as tmp:
             s.tokenizer.save_pretrained(tmp)
@@ -302,11 +313,17 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _checkpoint(s: Setup, step: int) -> None:
-    s.accelerator.wait_for_everyone()
+    weights, optim = full_state(s.loss_model, _trainable(s), s.optimizer.optimizer)  # every rank: FSDP gathers
     if s.accelerator.is_main_process:
-        save_checkpoint(s.out, step, s.model, s.optimizer, s.scheduler)
+        save_checkpoint(s.out, step, s.model, weights, optim, s.scheduler, s.scaler,
+                        meta={"total_steps": len(s.plan), "world_size": s.accelerator.num_processes})
         prune_checkpoints(s.out, s.cfg.train.keep_checkpoints)
     s.accelerator.wait_for_everyone()
+
+
+def _trainable(s: Setup) -> set[str]:
+    """Names of the trained weights as the prepared LossModel calls them (what `full_state` keys by)."""
+    return {f"peft_model.{n}" for n, p in s.model.named_parameters() if p.requires_grad}
 
 
 _RESUME_FREE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
@@ -333,6 +350,25 @@ def _check_same_config(cfg: Config, saved: Path) -> None:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(f"--resume with a config that differs from {saved} ({diffs}). Resume with the same "
                           "settings, or start a new run with another output_dir.")
+
+
+def _check_same_schedule(ck: Path, total: int, world: int, cfg: Config) -> None:
+    """The LR schedule (warmup, decay) and the data plan are laid out over the total steps and the number of
+    processes: resuming with either changed would silently train a different run than the one checkpointed."""
+    meta = read_trainer_state(ck)
+    old_total, old_world = meta.get("total_steps", total), meta.get("world_size", world)
+    if old_total != total:
+        t = cfg.train
+        raise ConfigError(
+            f"--resume: {ck} belongs to a run of {old_total} optimizer steps, but this config gives {total} "
+            f"(train.max_steps={t.max_steps}, train.epochs={t.epochs}). The learning-rate schedule is laid out over "
+            f"the total, so changing it would silently change the run. Resume with the run's own train.max_steps / "
+            f"train.epochs (see {ck.parents[1] / 'config.yaml'}), or start a new run with another output_dir.")
+    if old_world != world:
+        raise ConfigError(
+            f"--resume: {ck} was trained on {old_world} processes, this launch has {world}. Each step's data is split "
+            f"across processes, so resume with {old_world} processes (accelerate launch --num_processes "
+            f"{old_world}), or start a new run with another output_dir.")
 
 
 def _base_meta(cfg: Config) -> dict[str, Any]:
@@ -375,8 +411,11 @@ def _trim_metrics(path: Path, start: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= start))
 
 
-def _install_stop_handler() -> Any:
-    """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, exit. A second Ctrl-C stops at once."""
+@contextlib.contextmanager
+def _stop_on_signal() -> Iterator[Callable[[], bool]]:
+    """SIGTERM / Ctrl-C: finish the current step, save a checkpoint, exit. A second Ctrl-C stops at once.
+
+    The previous handlers are restored on the way out, whatever happens inside."""
     flag = {"stop": False}
 
     def handler(signum: int, frame: Any) -> None:
@@ -384,9 +423,37 @@ def _install_stop_handler() -> Any:
             raise KeyboardInterrupt
         flag["stop"] = True
 
+    old: dict[int, Any] = {}
     try:
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread (e.g. called from a UI worker): no handler, nothing breaks
         pass
-    return lambda: flag["stop"]
+    try:
+        yield lambda: flag["stop"]
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _any_rank(acc: Any, flag: bool) -> bool:
+    """True on every rank when it is true on one: ranks that disagree would hang, one in the checkpoint barrier and
+    one in the next all-reduce."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+
+_MAX_SKIPPED = 25
+"""fp16 steps skipped in a row before we stop: the loss scale starts at 2**16, so a few early skips are normal, and
+25 in a row means the gradients overflow at a scale of 2**-9, i.e. no scale helps."""
+
+
+def _diverged(step: int, loss: float, t: Any, fp16: bool, skipped: int = 0) -> str:
+    if fp16:
+        what = (f"{skipped} fp16 steps in a row had overflowing gradients" if skipped
+                else f"the loss is {loss} at step {step}: fp16 overflowed (a value went past fp16's largest, 65504)")
+        return (f"step {step}: {what}. Train with train.precision=bf16 (GPUs since Ampere, recent CPUs) or "
+                "train.precision=fp32. The weights were not updated by the bad step; earlier checkpoints are intact.")
+    return (f"step {step}: the loss is {loss} (not finite), so training diverged. Lower train.lr (now {t.lr}) and "
+            "keep train.max_grad_norm > 0. The weights were not updated by the bad step.")

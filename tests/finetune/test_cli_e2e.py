@@ -1,4 +1,4 @@
-"""The real entry points: `tunesmith` commands on the tiny model, 2 CPU processes under accelerate, and one slow
+"""The real entry points: `tunesmith` commands on the tiny model and one slow
 end-to-end run with the embedded SmolLM2 model."""
 
 from __future__ import annotations
@@ -50,21 +50,6 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.returncode == 2
     assert "unknown key `train.learning_rate`. Did you mean `train.lr`" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def test_two_cpu_processes_under_accelerate(tiny_model_dir, tmp_path):
-    out = tmp_path / "ddp"
-    r = _run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-              "-m", "tunesmith.cli", "train", str(ROOT / "configs/quickstart.yaml"),
-              *_train_args(tiny_model_dir, out, "train.micro_batch_size=1", "train.grad_accum=1")],
-             env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2  # really two ranks, not the silent single process of `--cpu`
-    from tunesmith.finetune.generate import GenerationParams, load_generator
-
-    c = load_generator(out).generate([{"role": "user", "content": "hi"}], GenerationParams(max_new_tokens=4))
-    assert c.completion_tokens >= 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,114 @@
+"""The training loss: each model's own causal-LM loss, computed only where there is something to learn.
+
+Only positions with a target go through the output head (prompt tokens cost nothing there), in chunks that are
+recomputed in backward instead of keeping the full logits, so memory stays flat in sequence length. The head is the
+model's own head *module* (bias, LoRA or `modules_to_save` on it all work) followed by what the model's forward does
+to its logits (`head_logits`). Because transformers has hundreds of architectures and that last step differs between
+them, `check_loss` compares this loss with `model(..., labels=...)` on a real batch before the first step: a model
+whose head does something new stops the run with both numbers instead of training on a silently wrong loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ConfigError
+from .data import IGNORE
+
+
+class LossModel(torch.nn.Module):
+    """Backbone forward + the model's own head and cross-entropy, summed over trained positions.
+
+    `fused=False` (`train.fused_loss=false`) runs the model's whole forward with labels instead: always exact, but it
+    materialises logits for every position. Wrapping this module (not the bare model) in DDP/FSDP keeps gradient sync
+    and parameter gathering working around our own forward.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, chunk: int, autocast_dtype: torch.dtype | None = None,
+                 fused: bool = True) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.chunk = chunk
+        self.autocast_dtype = autocast_dtype
+        self.fused = fused
+        # what FSDP wraps one by one (its auto-wrap policy reads this from the root module it is given)
+        self._no_split_modules = getattr(peft_model.get_base_model(), "_no_split_modules", None)
+        if autocast_dtype is not None:
+            # fp32 LoRA weights on a bf16 base: peft would cast every activation to fp32 and back (17% of a CPU
+            # step); under autocast the small LoRA weights are cast instead and the activations stay bf16
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for m in peft_model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.cast_input_dtype_enabled = False
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reference: bool = False,
+                **kw: torch.Tensor) -> torch.Tensor:
+        """Summed loss over the positions where `targets != IGNORE`. `reference=True`: the model's own forward."""
+        causal = self.peft_model.get_base_model()
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            if reference or not self.fused:
+                # transformers' loss shifts labels itself; `shift_labels` takes our already-shifted targets as they are
+                n = (targets != IGNORE).sum()
+                out = causal(input_ids=input_ids, labels=targets, shift_labels=targets, use_cache=False, **kw)
+                return out.loss.float() * n
+            hidden = causal.get_decoder()(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
+            keep = targets != IGNORE
+            h, t = hidden[keep], targets[keep]
+            vocab = causal.config.get_text_config().vocab_size
+            if h.shape[0] * vocab <= 64 * 2**20:  # small: one shot, no recompute
+                return _ce_sum(causal, h, t)
+            return sum(checkpoint(_ce_sum, causal, h[i: i + self.chunk], t[i: i + self.chunk], use_reentrant=False)
+                       for i in range(0, h.shape[0], self.chunk))
+
+
+def head_logits(causal: Any, h: torch.Tensor) -> torch.Tensor:
+    """What `XForCausalLM.forward` does after the backbone, for the families transformers ships (read from its
+    modeling files): the head module, then Gemma-2/3's tanh softcapping, Cohere's `logit_scale`, Granite's
+    `logits_scaling`, Falcon-H1's `lm_head_multiplier`. Anything else is caught by `check_loss`."""
+    logits = causal.get_output_embeddings()(h).float()
+    cfg = causal.config
+    if (scale := getattr(causal, "logit_scale", None)) is not None:  # cohere, cohere2
+        logits = logits * scale
+    if getattr(cfg, "logits_scaling", None):  # granite, granitemoe*
+        logits = logits / cfg.logits_scaling
+    if (mult := getattr(getattr(causal, "model", None), "lm_head_multiplier", None)) is not None:  # falcon_h1
+        logits = logits * mult
+    if cap := getattr(cfg, "final_logit_softcapping", None):  # gemma2, gemma3
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _ce_sum(causal: Any, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head_logits(causal, h), t, reduction="sum")
+
+
+@torch.no_grad()
+def check_loss(loss_model: torch.nn.Module, inputs: dict[str, torch.Tensor], model_name: str,
+               rtol: float) -> tuple[float, float]:
+    """Our loss vs the model's own on one batch; raise (naming the model and both numbers) if they differ.
+
+    Run on every rank with the same batch (FSDP gathers parameters inside forward, so all ranks must call it).
+    """
+    n = max(1, int((inputs["targets"] != IGNORE).sum()))
+    was_training = loss_model.training
+    loss_model.eval()  # no dropout: both forwards see the same network (and draw no random numbers)
+    ours = float(loss_model(**inputs)) / n
+    theirs = float(loss_model(**inputs, reference=True)) / n
+    loss_model.train(was_training)
+    if not math.isfinite(theirs):  # e.g. fp16 overflow: the loop stops on it with the precision's own message
+        return ours, theirs
+    if not abs(ours - theirs) <= rtol * max(1.0, abs(theirs)):
+        raise ConfigError(
+            f"{model_name}: tunesmith's fused loss on the first batch is {ours:.5f} but the model's own loss "
+            f"(model(input_ids, labels=...)) is {theirs:.5f}. This architecture changes its logits in a way the fused "
+            "head does not reproduce, so training would optimise the wrong loss. Set train.fused_loss=false to train "
+            "through the model's own forward (exact, more memory), and please report the model."
+        )
+    return ours, theirs
