@@ -8,6 +8,7 @@ configs/accelerate/fsdp.yaml. Test-only: nothing in tunesmith does this.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
@@ -23,5 +24,6 @@ acc.state.fsdp_plugin = plugin
 assert acc.is_fsdp2, "expected FSDP2"
 resume = "--resume" in sys.argv
 cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if a != "--resume"])
-fit(setup(cfg, resume=resume, accelerator=acc), resume=resume)
-print("fsdp: ok", type(acc.unwrap_model(acc._models[0])).__name__, flush=True)
+s = setup(cfg, resume=resume, accelerator=acc)
+fit(s, resume=resume)
+os.write(1, f"fsdp: ok {type(s.loss_model).__name__}\n".encode())  # one write: the ranks' lines never interleave

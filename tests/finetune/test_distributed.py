@@ -97,7 +97,7 @@ def test_fsdp2_saves_a_complete_adapter_and_resumes(tiny_model_dir, tmp_path):
                                    *steps]))
     full = tmp_path / "fsdp"
     log = _launch(tiny_model_dir, full, *steps, **fsdp).communicate(timeout=300)[0]
-    assert log.count("fsdp: ok FSDPLossModel") == 2, log[-3000:]
+    assert log.count("fsdp: ok FSDPLossModel\n") == 2, log[-3000:]  # both ranks ran FSDP2-wrapped
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (ref, full))
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole matrices, not a rank's shard
     for k in a:
