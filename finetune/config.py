@@ -43,6 +43,10 @@ class DataConfig:
     """Pack several examples into one row (attention kept inside each example): no compute wasted on padding."""
     on_bad_record: Literal["error", "skip"] = "error"
     """`error` stops at the first bad record naming file and line; `skip` drops bad ones and reports how many."""
+    labels: str | list[str] = "auto"
+    """Classification: `auto` treats the answers as labels when the training replies are a small set of short
+    values; `off`; or the list of labels. With labels, every eval also scores each label by log-likelihood and logs
+    `eval_accuracy` (what `tunesmith sweep` can optimise), and `tunesmith eval` reports per-class metrics."""
 
 
 @dataclass
@@ -99,6 +103,9 @@ class Config:
     output_dir: str = "runs/run"
     seed: int = 42
     trust_remote_code: bool = False
+    finetuning_type: Literal["lora", "full"] = "lora"
+    """`lora` trains adapters on a frozen base; `full` trains every weight (fp32 master weights, AdamW state of 8
+    bytes per parameter: ~2.2 GB for the 135M embedded model) and writes the whole model to RUN/model."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -128,6 +135,13 @@ class Config:
             raise bad("lora.r", f"must be >= 1, got {lo.r}")
         if not 0 <= lo.dropout < 1:
             raise bad("lora.dropout", "must be in [0, 1)")
+        if self.finetuning_type == "full" and lo.load_in_4bit:
+            raise bad("finetuning_type", "full cannot train 4-bit weights; set lora.load_in_4bit=false, or use "
+                      "finetuning_type=lora (QLoRA)")
+        if isinstance(d.labels, str) and d.labels not in ("auto", "off"):
+            raise bad("data.labels", f"must be `auto`, `off` or a list of labels, got {d.labels!r}")
+        if isinstance(d.labels, list) and len(set(d.labels)) < 2:
+            raise bad("data.labels", f"needs at least 2 distinct labels, got {d.labels}")
         if t.loss_chunk_size < 16:
             raise bad("train.loss_chunk_size", "must be >= 16")
 
@@ -142,6 +156,7 @@ ALIASES = {
     "lora_rank": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_target_modules": "lora.target_modules", "lora_target": "lora.target_modules", "model_name_or_path": "base_model",
     "datasets": "data.train", "dataset": "data.train", "load_in_4bit": "lora.load_in_4bit",
+    "stage": "finetuning_type", "adapter": "finetuning_type",
 }
 """Names axolotl, LLaMA-Factory and HF TrainingArguments use, pointed at ours in the unknown-key message."""
 

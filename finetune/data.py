@@ -378,6 +378,20 @@ def build_examples(records: list[Record], tokenizer: Any, cfg: Any, report: Data
     return out
 
 
+def prompts_and_answers(records: list[Record], cfg: Any) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """Each chat record split at its last assistant turn: (turns before it, its text). Eval asks the first and
+    compares with the second; `text` records have no answer and are left out."""
+    prompts, answers = [], []
+    for rec in records:
+        conv = to_messages(rec, detect_format(rec) if cfg.format == "auto" else cfg.format, cfg.system_prompt)
+        if isinstance(conv, str):
+            continue
+        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        prompts.append(conv[:last])
+        answers.append(conv[last]["content"])
+    return prompts, answers
+
+
 def load_records(paths: list[str]) -> list[Record]:
     recs = [r for p in paths for r in read_records(p)]
     if not recs:

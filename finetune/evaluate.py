@@ -1,7 +1,10 @@
-"""Evaluate a run on a held-out file: loss/perplexity and generation metrics, base vs tuned side by side.
+"""Evaluate a run on a held-out file, tuned vs base (vs a TF-IDF baseline): did fine-tuning pay off?
 
-Base and tuned share one copy of the weights (the adapter is switched off for the base), so the comparison costs no
-extra memory and uses the exact same prompts.
+Base and tuned share one copy of the weights for LoRA runs (the adapter is switched off for the base), so the
+comparison costs no extra memory and uses the exact same prompts. When the answers are labels (classification),
+the report is accuracy, macro-F1, per-class scores and a confusion matrix; labels can be scored by log-likelihood so
+every answer is a valid label; `baseline="tfidf"` adds scikit-learn's classical baseline trained on the run's own
+training file. Every prediction is written to `eval_predictions.jsonl` so a number can always be traced to outputs.
 """
 
 from __future__ import annotations
@@ -9,45 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
-import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .data import IGNORE, DataReport, build_examples, collate, detect_format, load_records, to_messages
+from .data import IGNORE, DataReport, build_examples, collate, load_records, prompts_and_answers
 from .generate import GenerationParams, Generator, load_generator
+from .metrics import detect_labels, label_metrics, plot_confusion, rouge_l, tfidf_baseline
 
-
-def normalize(text: str) -> str:
-    """Lower-case, strip punctuation, backticks and articles: 'The `json` module.' == 'json module'."""
-    text = text.lower().replace("`", "")
-    text = "".join(c for c in text if c not in string.punctuation or c in "._")
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.strip(" .").split())
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 on whitespace tokens (longest common subsequence)."""
-    a, b = normalize(pred).split(), normalize(ref).split()
-    if not a or not b:
-        return float(a == b)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
+Mode = Literal["auto", "generate", "score"]
 
 
 @torch.no_grad()
 def eval_loss(gen: Generator, examples: list[Any], use_adapter: bool, batch_size: int = 8) -> float:
+    """Mean loss per trained token (the same masks as training)."""
     model = gen.model
     ctx = model.disable_adapter() if (not use_adapter and gen.has_adapter) else contextlib.nullcontext()
     tot, n = 0.0, 0
@@ -64,60 +43,157 @@ def eval_loss(gen: Generator, examples: list[Any], use_adapter: bool, batch_size
 
 
 def evaluate_run(run: str | Path, data: str | Path, max_new_tokens: int = 64, limit: int | None = None,
-                 batch_size: int = 8, compare_base: bool = True) -> dict[str, Any]:
-    """Loss, perplexity, exact match and ROUGE-L on `data` for the tuned model (and the base, when it has one).
+                 batch_size: int = 8, compare_base: bool = True, labels: list[str] | None = None,
+                 mode: Mode = "auto", baseline: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Metrics of the tuned model (and the base, and a baseline) on `data`; see the module docstring.
 
-    Each record's last assistant turn is the reference; the turns before it are the prompt.
+    Each record's last assistant turn is the reference; the turns before it are the prompt. `labels`: the label
+    set (default: the run's `data.labels`, else detected from the references). `mode`: `score` picks the label with
+    the highest log-likelihood, `generate` decodes greedily, `auto` scores when there are labels.
     """
     gen = load_generator(run)
     records = load_records([str(data)])[: limit or None]
     cfg_data = _data_cfg(gen)
+    prompts, refs = prompts_and_answers(records, cfg_data)
+    if not prompts:
+        raise ValueError(f"{data}: no chat records with an assistant answer to compare against.")
+    labels = labels or _run_labels(gen) or detect_labels(refs)
+    if labels and (missing := sorted({r.strip() for r in refs} - set(labels))):
+        raise ValueError(f"{data}: references {missing[:5]} are not in the label set {labels}. Pass --labels with "
+                         "every class, or check the file is the run's task.")
+    if mode == "score" and not labels:
+        raise ValueError(f"{data}: --mode score needs labels: the references are not a small set of short values. "
+                         "Pass --labels a,b,c or use --mode generate.")
+    scoring = bool(labels) and mode in ("auto", "score")
+    result: dict[str, Any] = {"run": str(run), "data": str(data), "records": len(prompts), "labels": labels,
+                              "mode": "score" if scoring else "generate", "models": {}}
     examples = build_examples(records, gen.tokenizer, cfg_data, DataReport())
-    prompts, refs = [], []
-    for rec in records:
-        conv = to_messages(rec, detect_format(rec), cfg_data.system_prompt)
-        if isinstance(conv, str):
-            continue
-        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-        prompts.append(conv[:last])
-        refs.append(conv[last]["content"])
-    variants = [("tuned", True)] + ([("base", False)] if compare_base and gen.has_adapter else [])
-    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0)
-    result: dict[str, Any] = {"run": str(run), "data": str(data), "records": len(records), "models": {}}
-    for name, use_adapter in variants:
-        loss = eval_loss(gen, examples, use_adapter, batch_size)
-        outs = gen.batch(prompts, GenerationParams(**{**params.__dict__, "use_adapter": use_adapter}),
-                         max_batch_size=batch_size) if prompts else []
-        em = [normalize(o.text) == normalize(r) for o, r in zip(outs, refs)]
-        rl = [rouge_l(o.text, r) for o, r in zip(outs, refs)]
-        result["models"][name] = {
-            "loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3),
-            "exact_match": round(sum(em) / max(len(em), 1), 4), "rouge_l": round(sum(rl) / max(len(rl), 1), 4),
-            "samples": [{"prompt": p[-1]["content"], "reference": r, "output": o.text}
-                        for p, r, o in list(zip(prompts, refs, outs))[:5]],
-        }
+    outputs: dict[str, list[str]] = {}
+    for name, g, use_adapter in _variants(gen, compare_base):
+        m: dict[str, Any] = {}
+        loss = eval_loss(g, examples, use_adapter, batch_size)
+        m.update(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
+        if scoring:
+            preds = _score(g, prompts, labels or [], use_adapter, name, progress)
+        else:
+            preds = _generate(g, prompts, max_new_tokens, use_adapter, batch_size, name, progress)
+        outputs[name] = preds
+        m.update(_answer_metrics(refs, preds, labels))
+        result["models"][name] = m
+    if baseline == "tfidf":
+        if not labels:
+            raise ValueError("--baseline tfidf needs labels (a classification task); the references are free text.")
+        outputs["tfidf"] = _tfidf(gen, prompts, cfg_data)
+        result["models"]["tfidf"] = _answer_metrics(refs, outputs["tfidf"], labels)
+    elif baseline is not None:
+        raise ValueError(f"unknown baseline {baseline!r}; the one available is `tfidf`.")
+    result["predictions"] = [{"prompt": p, "reference": r, "outputs": {n: o[i] for n, o in outputs.items()}}
+                             for i, (p, r) in enumerate(zip(prompts, refs))]
     return result
+
+
+def _variants(gen: Generator, compare_base: bool) -> list[tuple[str, Generator, bool]]:
+    """tuned, then base: the same weights with the adapter off (LoRA), or the base model loaded beside a full
+    fine-tune."""
+    out = [("tuned", gen, True)]
+    if compare_base and gen.has_adapter:
+        out.append(("base", gen, False))
+    elif compare_base and gen.loaded.run_dir is not None and gen.loaded.config.get("finetuning_type") == "full":
+        out.append(("base", load_generator(gen.loaded.base_model), True))
+    return out
+
+
+def _score(gen: Generator, prompts: list[Any], labels: list[str], use_adapter: bool, name: str,
+           progress: bool) -> list[str]:
+    from tqdm.auto import tqdm
+
+    per = max(1, 64 // len(labels))
+    preds: list[str] = []
+    with tqdm(total=len(prompts), desc=f"{name}: scoring {len(labels)} labels", disable=not progress) as bar:
+        for i in range(0, len(prompts), per):
+            scores = gen.score(prompts[i: i + per], labels, use_adapter=use_adapter)
+            preds += [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
+            bar.update(len(scores))
+    return preds
+
+
+def _generate(gen: Generator, prompts: list[Any], max_new_tokens: int, use_adapter: bool, batch_size: int,
+              name: str, progress: bool) -> list[str]:
+    from tqdm.auto import tqdm
+
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0, use_adapter=use_adapter)
+    preds: list[str] = []
+    with tqdm(total=len(prompts), desc=f"{name}: generating", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            preds += [c.text for c in gen.batch(prompts[i: i + batch_size], params, max_batch_size=batch_size)]
+            bar.update(min(batch_size, len(prompts) - i))
+    return preds
+
+
+def _answer_metrics(refs: list[str], preds: list[str], labels: list[str] | None) -> dict[str, Any]:
+    if labels:
+        return label_metrics(refs, preds, labels)
+    em = sum(_norm(p) == _norm(r) for p, r in zip(preds, refs)) / max(len(refs), 1)
+    return {"exact_match": round(em, 4), "rouge_l": rouge_l(preds, refs)}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().replace("`", "").strip(" .").split())
+
+
+def _tfidf(gen: Generator, prompts: list[Any], cfg_data: Any) -> list[str]:
+    """TF-IDF + logistic regression on the run's own training records (its user turns -> its answers)."""
+    files = gen.loaded.config.get("data", {}).get("train") or []
+    if not files:
+        raise ValueError(f"{gen.name}: --baseline tfidf trains on the run's training file, and this model has no "
+                         "run config naming one. Evaluate a run folder.")
+    tr_prompts, tr_answers = prompts_and_answers(load_records(files), cfg_data)
+    return tfidf_baseline([_user_text(p) for p in tr_prompts], [a.strip() for a in tr_answers],
+                          [_user_text(p) for p in prompts])
+
+
+def _user_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def _run_labels(gen: Generator) -> list[str] | None:
+    setting = gen.loaded.config.get("data", {}).get("labels")
+    return list(setting) if isinstance(setting, list) else None
+
+
+METRIC_ROWS = ("loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l")
 
 
 def format_table(result: dict[str, Any]) -> str:
     models = result["models"]
     names = list(models)
     rows = [("metric", *names)]
-    for key in ("loss", "perplexity", "exact_match", "rouge_l"):
-        rows.append((key, *(f"{models[n][key]:.4f}" for n in names)))
+    for key in METRIC_ROWS:
+        if any(key in models[n] for n in names):
+            rows.append((key, *(f"{models[n][key]:.4f}" if key in models[n] else "-" for n in names)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"{result['records']} records from {result['data']}\n" + "\n".join(lines)
+    how = f", {len(result['labels'])} labels, {result['mode']}" if result.get("labels") else ""
+    return f"{result['records']} records from {result['data']}{how}\n" + "\n".join(lines)
 
 
-def save_result(result: dict[str, Any], run: str | Path) -> Path | None:
+def save_result(result: dict[str, Any], run: str | Path) -> list[Path]:
+    """eval.json (metrics), eval_predictions.jsonl (every prompt, reference and output) and, for labels,
+    eval_confusion.png, in the run folder (or nowhere, for a bare model)."""
     run = Path(run)
     if not (run / "config.yaml").exists():
-        return None
+        return []
+    preds = run / "eval_predictions.jsonl"
+    with preds.open("w") as f:
+        for row in result["predictions"]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     path = run / "eval.json"
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    path.write_text(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
+    out = [path, preds]
+    if result.get("labels"):
+        out.append(plot_confusion(result, run / "eval_confusion.png"))
+    return out
 
 
 def _data_cfg(gen: Generator) -> Any:

@@ -37,7 +37,7 @@ class LossModel(torch.nn.Module):
         self.autocast_dtype = autocast_dtype
         self.fused = fused
         # what FSDP wraps one by one (its auto-wrap policy reads this from the root module it is given)
-        self._no_split_modules = getattr(peft_model.get_base_model(), "_no_split_modules", None)
+        self._no_split_modules = getattr(_causal(peft_model), "_no_split_modules", None)
         if autocast_dtype is not None:
             # fp32 LoRA weights on a bf16 base: peft would cast every activation to fp32 and back (17% of a CPU
             # step); under autocast the small LoRA weights are cast instead and the activations stay bf16
@@ -50,7 +50,7 @@ class LossModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reference: bool = False,
                 **kw: torch.Tensor) -> torch.Tensor:
         """Summed loss over the positions where `targets != IGNORE`. `reference=True`: the model's own forward."""
-        causal = self.peft_model.get_base_model()
+        causal = _causal(self.peft_model)
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             if reference or not self.fused:
@@ -66,6 +66,11 @@ class LossModel(torch.nn.Module):
                 return _ce_sum(causal, h, t)
             return sum(checkpoint(_ce_sum, causal, h[i: i + self.chunk], t[i: i + self.chunk], use_reentrant=False)
                        for i in range(0, h.shape[0], self.chunk))
+
+
+def _causal(model: Any) -> Any:
+    """The causal LM under a PEFT wrapper (LoRA), or the model itself (full fine-tuning)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def head_logits(causal: Any, h: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ from .runs import atomic_dir
 def merge_run(run: str | Path, out: str | Path | None = None, atol: float = 1e-3,
               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Write `RUN/merged` (or `out`); returns the logit check. Merging is done in fp32 to avoid rounding drift."""
+    if (Path(run) / "model" / "config.json").exists() and (Path(run) / "config.yaml").exists():
+        raise MergeError(f"{run} is a full fine-tune: {Path(run) / 'model'} already is the whole model (a plain "
+                         "transformers folder); there is no adapter to merge.")
     loaded = load_run(run, dtype=dtype, device="cpu")
     model, tok = loaded.model, loaded.tokenizer
     if not hasattr(model, "merge_and_unload"):

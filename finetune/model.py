@@ -221,7 +221,8 @@ class LoadedRun:
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
-    return (p / "adapter" / "adapter_config.json").exists() or (p / "adapter_config.json").exists()
+    return ((p / "adapter" / "adapter_config.json").exists() or (p / "adapter_config.json").exists()
+            or ((p / "model" / "config.json").exists() and (p / "config.yaml").exists()))
 
 
 def load_run(
@@ -248,6 +249,14 @@ def load_run(
 
         cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
         adapter_dir = src / (adapter or "adapter")
+        if adapter is None and (src / "model" / "config.json").exists():  # a full fine-tune: the whole model
+            model = load_base_model(str(src / "model"), dtype=dtype, device=device,
+                                    trust_remote_code=bool(cfg.get("trust_remote_code")))
+            model.eval()
+            tok = AutoTokenizer.from_pretrained(str(src / "tokenizer"))
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            return LoadedRun(model, tok, _display_name(str(src)), str(cfg.get("base_model")), src, cfg)
         if not (adapter_dir / "adapter_config.json").exists():
             raise ModelLoadError(
                 f"{src} has no finished adapter at {adapter_dir}. Is the run still training or was it killed? "

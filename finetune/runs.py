@@ -72,13 +72,26 @@ def save_adapter(peft_model: Any, weights: dict[str, Any], folder: Path, prefix:
     peft_model.save_pretrained(folder, state_dict={k.removeprefix(prefix): v for k, v in weights.items()})
 
 
+def save_full_model(model: Any, weights: dict[str, Any], folder: Path, dtype: torch.dtype,
+                    prefix: str = "peft_model.") -> None:
+    """A full fine-tune as a plain transformers model folder (loads anywhere), from the gathered fp32 weights, stored
+    in the compute dtype (what inference loads anyway; half the disk of fp32)."""
+    state = {k.removeprefix(prefix): v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    trained_dtype, model.config.dtype = model.config.dtype, dtype  # config.json says what the files hold
+    try:
+        model.save_pretrained(folder, state_dict=state)
+    finally:
+        model.config.dtype = trained_dtype
+
+
 def save_checkpoint(out: Path, step: int, peft_model: Any, weights: dict[str, Any], optim: dict[str, Any],
                     scheduler: Any, scaler: Any = None, meta: dict[str, Any] | None = None) -> Path:
     """`weights`/`optim` come from `full_state`; `meta` (total steps, world size) goes to trainer_state.json, so a
     resume can refuse a changed schedule."""
     final = Path(out) / "checkpoints" / f"step-{step}"
     with atomic_dir(final) as tmp:
-        save_adapter(peft_model, weights, tmp / "adapter")
+        if hasattr(peft_model, "peft_config"):  # a loadable adapter per checkpoint (full fine-tunes: state.pt only)
+            save_adapter(peft_model, weights, tmp / "adapter")
         state = {
             "step": step,
             "weights": weights,

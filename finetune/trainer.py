@@ -1,4 +1,4 @@
-"""LoRA supervised fine-tuning on Accelerate: `setup` builds everything, `fit` is the loop, read top to bottom.
+"""Supervised fine-tuning (LoRA or full) on Accelerate: `setup` builds everything, `fit` is the loop, read top to bottom.
 
 The same code runs on one CPU, under `accelerate launch` with several CPU (gloo) or GPU processes, and resumes
 exactly: the data order is a pure function of (seed, step), and checkpoints carry optimizer, scheduler and RNG state.
@@ -29,10 +29,12 @@ from .data import (
     examples_in,
     load_records,
     micro_batches,
+    prompts_and_answers,
     split_validation,
 )
 from .errors import TrainingError
 from .loss import LossModel, check_loss
+from .metrics import resolve_labels
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import (
     atomic_dir,
@@ -45,6 +47,7 @@ from .runs import (
     read_trainer_state,
     save_adapter,
     save_checkpoint,
+    save_full_model,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ class Setup:
     accelerator: Any
     tokenizer: Any
     model: Any
-    """The PEFT model (what gets saved)."""
+    """The PEFT model (LoRA) or the whole causal LM (full fine-tuning): what gets saved."""
     loss_model: Any
     """LossModel after accelerator.prepare (DDP-wrapped when several processes)."""
     optimizer: Any
@@ -69,6 +72,10 @@ class Setup:
     out: Path
     scaler: Any = None
     """torch.amp.GradScaler for fp16 (loss scaling keeps small gradients from flushing to zero), else None."""
+    labels: list[str] | None = None
+    """The label set when the answers are classes (`data.labels`): evals then also log `eval_accuracy`."""
+    val_prompts: list[Any] | None = None
+    val_answers: list[str] | None = None
 
     def inputs(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         """A micro-batch as LossModel keyword tensors on this process's device."""
@@ -90,8 +97,9 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
             "shards what the loop saves; untested setups are refused rather than trained wrong). Use FSDP2 "
             "(accelerate launch --config_file configs/accelerate/fsdp.yaml) to shard a model over several GPUs.")
     out = Path(cfg.output_dir)
-    if check_output and not resume and ((out / "adapter").exists() or latest_checkpoint(out) is not None):
-        what = "a finished run" if (out / "adapter").exists() else "checkpoints of an unfinished run"
+    finished = (out / "adapter").exists() or (out / "model").exists()
+    if check_output and not resume and (finished or latest_checkpoint(out) is not None):
+        what = "a finished run" if finished else "checkpoints of an unfinished run"
         raise FileExistsError(f"{out} already holds {what}. Pass --resume to continue it, or set output_dir to a "
                               f"new folder (e.g. output_dir={out}-2).")
     _seed_everything(cfg.seed)
@@ -114,6 +122,8 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
     if not train_ex:
         raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
+    labels = resolve_labels(cfg.data.labels, prompts_and_answers(train_recs, cfg.data)[1])
+    val_prompts, val_answers = prompts_and_answers(val_recs, cfg.data) if labels else ([], [])
     _check_max_length(cfg)
     t = cfg.train
     batches = micro_batches(train_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing, seed=cfg.seed)
@@ -133,23 +143,30 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         epoch += 1
     plan = plan[:total]
 
-    # 3) model: frozen base in the compute dtype, LoRA weights in fp32
+    # 3) model. LoRA: frozen base in the compute dtype, LoRA weights in fp32. Full: fp32 master weights (bf16 weights
+    #    would round away most AdamW updates), computed in the low precision under autocast
     dtype = pick_dtype(t.precision, acc.device)
-    model = load_base_model(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=cfg.lora.load_in_4bit,
-                            trust_remote_code=cfg.trust_remote_code)
-    if cfg.lora.load_in_4bit:
+    full = cfg.finetuning_type == "full"
+    model = load_base_model(cfg.base_model, dtype=torch.float32 if full else dtype, device=acc.device,
+                            load_in_4bit=cfg.lora.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+    if full:
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.lora.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets = "all-linear" if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
-                      use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora, task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, lcfg)
-    except ValueError as e:
-        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {e}. Use `auto` or names of linear layers "
-                         f"such as {_linear_names(model)}.") from None
+    if not full:
+        targets = "all-linear" if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
+        lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=targets, use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora,
+                          task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lcfg)
+        except ValueError as e:
+            raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {e}. Use `auto` or names of linear "
+                             f"layers such as {_linear_names(model)}.") from None
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -165,7 +182,8 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     # fp16 needs loss scaling. torch's GradScaler is what Accelerate builds for fp16 on GPUs; used directly so the
     # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
     scaler = torch.amp.GradScaler(acc.device.type) if dtype == torch.float16 else None
-    s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler)
+    s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler, labels,
+              val_prompts, val_answers)
     # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
     if t.fused_loss:
         first = s.inputs(batches[plan[0][0]][:1])
@@ -175,16 +193,21 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     return s
 
 
-def fit(s: Setup, resume: bool = False) -> dict[str, Any]:
+OnEval = Callable[[int, dict[str, float]], None]
+"""Called on the main process after each validation eval with (step, {"eval_loss", ["eval_accuracy"]}); an
+exception it raises (a sweep's `optuna.TrialPruned`) stops training there."""
+
+
+def fit(s: Setup, resume: bool = False, on_eval: OnEval | None = None) -> dict[str, Any]:
     """Train. Returns the summary also written to `summary.json`.
 
     SIGTERM / Ctrl-C ask for a checkpoint and a clean exit; the previous handlers are back once this returns, so a
     notebook or the UI that called it still gets its Ctrl-C."""
     with _stop_on_signal() as stop_requested:
-        return _loop(s, resume, stop_requested)
+        return _loop(s, resume, stop_requested, on_eval)
 
 
-def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool]) -> dict[str, Any]:
+def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: OnEval | None) -> dict[str, Any]:
     """The training loop, read top to bottom."""
     from tqdm.auto import tqdm
 
@@ -252,9 +275,11 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool]) -> dict[st
         if skipped_in_a_row:
             last["skipped"] = True  # fp16 overflow: this step changed no weights
         if t.eval_every > 0 and (step + 1) % t.eval_every == 0 and s.val_batches and step + 1 < total:
-            last["eval_loss"] = evaluate_loss(s)
+            last.update(evaluate(s))
         if acc.is_main_process and ((step + 1) % t.log_every == 0 or "eval_loss" in last):
             _append_jsonl(out / "metrics.jsonl", last)
+        if on_eval is not None and "eval_loss" in last and acc.is_main_process:
+            on_eval(step + 1, {k: v for k, v in last.items() if k.startswith("eval_")})
         bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
         stop = _any_rank(acc, stop_requested())  # a signal seen by one rank stops all of them at the same step
@@ -272,15 +297,23 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool]) -> dict[st
     if s.scaler:
         summary["fp16_skipped_steps"] = skipped
     if s.val_batches:
-        summary["eval_loss"] = evaluate_loss(s)
+        final_eval = evaluate(s)
+        summary.update(final_eval)
         summary["eval_ppl"] = round(math.exp(min(summary["eval_loss"], 50)), 3)
         if acc.is_main_process:
-            _append_jsonl(out / "metrics.jsonl", {"step": total, "eval_loss": summary["eval_loss"]})
+            _append_jsonl(out / "metrics.jsonl", {"step": total, **final_eval})
+            if on_eval is not None:
+                on_eval(total, final_eval)
     weights, _ = full_state(s.loss_model, _trainable(s))  # every rank: under FSDP each holds only a shard
     if acc.is_main_process:
-        with atomic_dir(out / "adapter") as tmp:
-            save_adapter(s.model, weights, tmp)
-            (tmp / "tunesmith_base.json").write_text(json.dumps(_base_meta(cfg)))
+        if cfg.finetuning_type == "full":
+            with atomic_dir(out / "model") as tmp:
+                save_full_model(s.model, weights, tmp, dtype=pick_dtype(t.precision, acc.device))
+                (tmp / "tunesmith_base.json").write_text(json.dumps(_base_meta(cfg)))
+        else:
+            with atomic_dir(out / "adapter") as tmp:
+                save_adapter(s.model, weights, tmp)
+                (tmp / "tunesmith_base.json").write_text(json.dumps(_base_meta(cfg)))
         with atomic_dir(out / "tokenizer") as tmp:
             s.tokenizer.save_pretrained(tmp)
         (out / "chat_template.jinja").write_text(s.tokenizer.chat_template or "")
@@ -290,6 +323,46 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool]) -> dict[st
                   f"{summary['train_tokens_per_s']} tok/s, {summary['train_time_s']} s)")
     acc.wait_for_everyone()
     return summary
+
+
+def evaluate(s: Setup) -> dict[str, float]:
+    """Validation loss and, when the answers are labels, accuracy of the best-scoring label (`eval_accuracy`)."""
+    res = {"eval_loss": evaluate_loss(s)}
+    if s.labels and s.val_prompts:
+        res["eval_accuracy"] = label_accuracy(s)
+    return res
+
+
+@torch.no_grad()
+def label_accuracy(s: Setup) -> float:
+    """Share of validation records whose highest log-likelihood label is the reference (sharded across ranks; every
+    rank runs the same number of batches, as FSDP's collectives need)."""
+    from .generate import score_candidates
+
+    acc, labels = s.accelerator, s.labels or []
+    per = max(1, 64 // len(labels))
+    idx = list(range(len(s.val_prompts or [])))
+    n_batches = math.ceil(len(idx) / (per * acc.num_processes))
+    counts = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    root = acc.unwrap_model(s.loss_model)
+    low = root.autocast_dtype
+    s.loss_model.eval()
+    if hasattr(s.loss_model, "unshard"):  # FSDP2: scoring calls the inner model, bypassing the root's gather hook
+        s.loss_model.unshard()
+    for b in range(n_batches):
+        mine = idx[(b * acc.num_processes + acc.process_index) * per:][:per]
+        real = len(mine)
+        mine = mine or idx[:1]  # a rank with nothing left still joins the collective forward
+        with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            scores = score_candidates(s.model, s.tokenizer, [s.val_prompts[i] for i in mine], labels)
+        best = [labels[j] for j in scores.argmax(1).tolist()][:real]
+        counts[0] += sum(p == s.val_answers[i].strip() for p, i in zip(best, mine))
+        counts[1] += real
+    if hasattr(s.loss_model, "reshard"):
+        s.loss_model.reshard()
+    s.loss_model.train()
+    counts = acc.reduce(counts, reduction="sum")
+    return round(float(counts[0] / counts[1].clamp(min=1)), 5)
 
 
 @torch.no_grad()
@@ -306,9 +379,9 @@ def evaluate_loss(s: Setup) -> float:
     return round(float(tot[0] / tot[1].clamp(min=1)), 5)
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, resume: bool = False, on_eval: OnEval | None = None) -> dict[str, Any]:
     """Python API: fine-tune as configured and return the summary (the run folder is `cfg.output_dir`)."""
-    return fit(setup(cfg, resume=resume), resume=resume)
+    return fit(setup(cfg, resume=resume), resume=resume, on_eval=on_eval)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------

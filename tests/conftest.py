@@ -34,3 +34,13 @@ def tiny_run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from tunesmith.finetune.tiny import build_tiny_run
 
     return build_tiny_run(tmp_path_factory.mktemp("runs") / "tiny-run", tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gen(tiny_run_dir: Path):
+    """In fp32: batched (left-padded) and single greedy answers are compared token for token, and in bf16 the padding
+    shifts rounding enough to flip a random model's near-tied logits."""
+    import torch
+    from tunesmith.finetune.generate import load_generator
+
+    return load_generator(tiny_run_dir, dtype=torch.float32)

@@ -6,18 +6,19 @@ import json
 
 import pytest
 import torch
-from tunesmith.finetune.evaluate import evaluate_run, format_table, normalize, rouge_l
+from tunesmith.finetune.evaluate import evaluate_run, format_table
+from tunesmith.finetune.metrics import rouge_l
 from tunesmith.finetune.merge import merge_run
 from tunesmith.finetune.model import ModelLoadError, load_run
 
 DATA = "tests/fixtures/messages.jsonl"
 
 
-def test_metrics_helpers():
-    assert normalize("The `json` module.") == "json module"
-    assert rouge_l("the cat sat", "the cat sat") == 1.0
-    assert rouge_l("cat", "dog") == 0.0
-    assert 0 < rouge_l("a cat sat on mats", "the cat sat on the mat") < 1
+def test_rouge_is_the_standard_one():
+    assert rouge_l(["the cat sat"], ["the cat sat"]) == 1.0
+    assert rouge_l(["cat"], ["dog"]) == 0.0
+    # rouge-score's ROUGE-L F1 with stemming: LCS "cat sat on the mat" (5 of 6 and 5 of 6 tokens, "mats" -> "mat")
+    assert rouge_l(["a cat sat on the mats"], ["the cat sat on the mat"]) == pytest.approx(0.8333, abs=1e-4)
 
 
 def test_eval_reports_base_and_tuned(tiny_run_dir):

@@ -208,3 +208,30 @@ def test_loss_model_is_the_hf_loss_and_bf16_costs_no_accuracy(tiny_model_dir, tm
     ours_err, hf_err = rel_err(g_ours16), rel_err(g_hf16)
     assert 0 < ours_err < 0.05, ours_err  # bf16 really ran, and stayed close
     assert ours_err <= 1.25 * hf_err, (ours_err, hf_err)
+
+
+def test_full_finetune_changes_base_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
+    """finetuning_type=full trains every weight (fp32 master weights) and writes RUN/model, a plain transformers
+    folder that load_run / load_generator pick up with no adapter."""
+    from transformers import AutoModelForCausalLM
+    from tunesmith.finetune.generate import load_generator
+
+    out = tmp_path / "full"
+    s = setup(_cfg(tiny_model_dir, out, "finetuning_type=full", "train.lr=1e-3"))
+    before = {n: p.detach().clone() for n, p in s.model.named_parameters()}
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in s.model.parameters())
+    fit(s)
+    after = dict(s.model.named_parameters())
+    changed = [n for n, p in before.items() if not torch.equal(after[n], p)]
+    assert len(changed) == len(before)  # every weight moved, base weights included
+    losses = _losses(out)
+    assert losses[-1] < losses[0]
+    assert (out / "model" / "config.json").exists() and not (out / "adapter").exists()
+    saved = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    for n, p in saved.named_parameters():
+        torch.testing.assert_close(p, after[n].detach(), rtol=0, atol=0)
+    gen = load_generator(out, dtype=torch.float32)
+    assert not gen.has_adapter
+    assert gen.generate([{"role": "user", "content": "hi"}]).completion_tokens > 0
+    with pytest.raises(FileExistsError):
+        setup(_cfg(tiny_model_dir, out, "finetuning_type=full"))
