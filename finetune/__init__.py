@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .generate import Chunk, Completion, GenerationParams, Generator, load_generator
     from .merge import merge_run
     from .model import LoadedRun, load_run
+    from .sweep import sweep
     from .trainer import train
 
 # public names load on first use (see tunesmith.lazy_exports): the CLI must start without importing torch
@@ -27,13 +28,14 @@ _WHERE = {
     "Config": ".config", "ConfigError": ".config", "load_config": ".config", "save_config": ".config",
     "DataError": ".data", "evaluate_run": ".evaluate", "Chunk": ".generate", "Completion": ".generate",
     "GenerationParams": ".generate", "Generator": ".generate", "load_generator": ".generate", "MergeError": ".errors",
-    "merge_run": ".merge", "LoadedRun": ".model", "ModelLoadError": ".errors", "load_run": ".model", "train": ".trainer",
+    "merge_run": ".merge", "LoadedRun": ".model", "ModelLoadError": ".errors", "load_run": ".model", "sweep": ".sweep",
+    "train": ".trainer",
 }
 
 __all__ = [
     "Chunk", "Completion", "Config", "ConfigError", "DataError", "GenerationParams", "Generator", "LoadedRun",
     "MergeError", "ModelLoadError", "evaluate_run", "load_config", "load_generator", "load_run", "merge_run",
-    "save_config", "train",
+    "save_config", "sweep", "train",
 ]
 
 

@@ -138,6 +138,8 @@ class Config:
         if self.finetuning_type == "full" and lo.load_in_4bit:
             raise bad("finetuning_type", "full cannot train 4-bit weights; set lora.load_in_4bit=false, or use "
                       "finetuning_type=lora (QLoRA)")
+        if d.labels in ("False", "True"):  # YAML 1.1 reads a bare `off` / `on` as a boolean
+            d.labels = "off" if d.labels == "False" else "auto"
         if isinstance(d.labels, str) and d.labels not in ("auto", "off"):
             raise bad("data.labels", f"must be `auto`, `off` or a list of labels, got {d.labels!r}")
         if isinstance(d.labels, list) and len(set(d.labels)) < 2:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from .data import IGNORE, DataReport, build_examples, collate, load_records, prompts_and_answers
-from .generate import GenerationParams, Generator, load_generator
+from .generate import GenerationParams, Generator, load_generator, score_candidates
 from .metrics import detect_labels, label_metrics, plot_confusion, rouge_l, tfidf_baseline
 
 Mode = Literal["auto", "generate", "score"]
@@ -40,6 +40,37 @@ def eval_loss(gen: Generator, examples: list[Any], use_adapter: bool, batch_size
                                                      reduction="sum").item()
             n += int((tgt != IGNORE).sum())
     return tot / max(n, 1)
+
+
+@torch.no_grad()
+def label_accuracy(s: Any) -> float:
+    """During training (`s` is the trainer's Setup): share of validation records whose highest log-likelihood label
+    is the reference. Sharded across ranks; every rank runs the same number of batches, as FSDP's collectives need."""
+
+    acc, labels = s.accelerator, s.labels or []
+    per = max(1, 64 // len(labels))
+    idx = list(range(len(s.val_prompts or [])))
+    n_batches = math.ceil(len(idx) / (per * acc.num_processes))
+    counts = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    root = acc.unwrap_model(s.loss_model)
+    low = root.autocast_dtype
+    s.loss_model.eval()
+    if hasattr(s.loss_model, "unshard"):  # FSDP2: scoring calls the inner model, bypassing the root's gather hook
+        s.loss_model.unshard()
+    for b in range(n_batches):
+        mine = idx[(b * acc.num_processes + acc.process_index) * per:][:per]
+        real = len(mine)
+        mine = mine or idx[:1]  # a rank with nothing left still joins the collective forward
+        with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            scores = score_candidates(s.model, s.tokenizer, [s.val_prompts[i] for i in mine], labels)
+        best = [labels[j] for j in scores.argmax(1).tolist()][:real]
+        counts[0] += sum(p == s.val_answers[i].strip() for p, i in zip(best, mine))
+        counts[1] += real
+    if hasattr(s.loss_model, "reshard"):
+        s.loss_model.reshard()
+    s.loss_model.train()
+    counts = acc.reduce(counts, reduction="sum")
+    return round(float(counts[0] / counts[1].clamp(min=1)), 5)
 
 
 def evaluate_run(run: str | Path, data: str | Path, max_new_tokens: int = 64, limit: int | None = None,

@@ -329,40 +329,10 @@ def evaluate(s: Setup) -> dict[str, float]:
     """Validation loss and, when the answers are labels, accuracy of the best-scoring label (`eval_accuracy`)."""
     res = {"eval_loss": evaluate_loss(s)}
     if s.labels and s.val_prompts:
+        from .evaluate import label_accuracy
+
         res["eval_accuracy"] = label_accuracy(s)
     return res
-
-
-@torch.no_grad()
-def label_accuracy(s: Setup) -> float:
-    """Share of validation records whose highest log-likelihood label is the reference (sharded across ranks; every
-    rank runs the same number of batches, as FSDP's collectives need)."""
-    from .generate import score_candidates
-
-    acc, labels = s.accelerator, s.labels or []
-    per = max(1, 64 // len(labels))
-    idx = list(range(len(s.val_prompts or [])))
-    n_batches = math.ceil(len(idx) / (per * acc.num_processes))
-    counts = torch.zeros(2, device=acc.device, dtype=torch.float64)
-    root = acc.unwrap_model(s.loss_model)
-    low = root.autocast_dtype
-    s.loss_model.eval()
-    if hasattr(s.loss_model, "unshard"):  # FSDP2: scoring calls the inner model, bypassing the root's gather hook
-        s.loss_model.unshard()
-    for b in range(n_batches):
-        mine = idx[(b * acc.num_processes + acc.process_index) * per:][:per]
-        real = len(mine)
-        mine = mine or idx[:1]  # a rank with nothing left still joins the collective forward
-        with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
-            scores = score_candidates(s.model, s.tokenizer, [s.val_prompts[i] for i in mine], labels)
-        best = [labels[j] for j in scores.argmax(1).tolist()][:real]
-        counts[0] += sum(p == s.val_answers[i].strip() for p, i in zip(best, mine))
-        counts[1] += real
-    if hasattr(s.loss_model, "reshard"):
-        s.loss_model.reshard()
-    s.loss_model.train()
-    counts = acc.reduce(counts, reduction="sum")
-    return round(float(counts[0] / counts[1].clamp(min=1)), 5)
 
 
 @torch.no_grad()

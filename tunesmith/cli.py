@@ -25,11 +25,12 @@ def _train(a: argparse.Namespace) -> int:
 def _eval(a: argparse.Namespace) -> int:
     from tunesmith.finetune.evaluate import evaluate_run, format_table, save_result
 
-    res = evaluate_run(a.run, a.data, max_new_tokens=a.max_new_tokens, limit=a.limit, compare_base=not a.no_base)
+    labels = [x.strip() for x in a.labels.split(",") if x.strip()] if a.labels else None
+    res = evaluate_run(a.run, a.data, max_new_tokens=a.max_new_tokens, limit=a.limit, compare_base=not a.no_base,
+                       labels=labels, mode=a.mode, baseline=a.baseline, batch_size=a.batch_size)
     print(format_table(res))
-    saved = save_result(res, a.run)
-    if saved:
-        print(f"details: {saved}")
+    for path in save_result(res, a.run):
+        print(f"wrote {path}")
     return 0
 
 
@@ -38,6 +39,13 @@ def _merge(a: argparse.Namespace) -> int:
 
     res = merge_run(a.run, a.out)
     print(f"merged model written to {res['path']} (max |logit diff| vs base+adapter: {res['max_abs_logit_diff']:.2e})")
+    return 0
+
+
+def _sweep(a: argparse.Namespace) -> int:
+    from tunesmith.finetune.sweep import sweep
+
+    sweep(a.config, a.trials, metric=a.metric, space=a.space, out=a.out, overrides=a.overrides, seed=a.seed)
     return 0
 
 
@@ -116,17 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="fine-tune with LoRA as a YAML config says")
+    t = sub.add_parser("train", help="fine-tune (LoRA or full) as a YAML config says")
     t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_length=1024")
     t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     t.add_argument("--dry-run", action="store_true", help="check config and data, print memory and time estimates")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="loss, perplexity, exact match, ROUGE-L: tuned vs base")
+    e = sub.add_parser("eval", help="tuned vs base on held-out data: accuracy/F1 for labels, else exact match, ROUGE-L")
     e.add_argument("run")
     e.add_argument("--data", required=True, help="held-out file (same formats as training)")
+    e.add_argument("--labels", default=None, help="comma-separated label set (default: the run's, or detected)")
+    e.add_argument("--mode", choices=["auto", "generate", "score"], default="auto",
+                   help="score: pick the label with the highest log-likelihood; generate: greedy decoding; "
+                        "auto: score when the answers are labels")
+    e.add_argument("--baseline", choices=["tfidf"], default=None,
+                   help="add TF-IDF + logistic regression trained on the run's training file")
     e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--limit", type=int, default=None, help="only the first N records")
     e.add_argument("--no-base", action="store_true", help="skip the base-model column")
     e.set_defaults(func=_eval)
@@ -135,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run")
     m.add_argument("--out", default=None, help="default: RUN/merged")
     m.set_defaults(func=_merge)
+
+    w = sub.add_parser("sweep", help="hyperparameter search with Optuna: each trial a run, resumable")
+    w.add_argument("config", help="YAML config every trial starts from")
+    w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
+    w.add_argument("--trials", type=int, required=True, help="trials in total; a rerun runs only the missing ones")
+    w.add_argument("--metric", choices=["auto", "eval_loss", "eval_accuracy"], default="auto",
+                   help="what to optimise (auto: eval_accuracy when the answers are labels, else eval_loss)")
+    w.add_argument("--space", default=None, help="search-space YAML (default: lr, epochs, LoRA rank; see README)")
+    w.add_argument("--out", default=None, help="sweep folder (default: OUTPUT_DIR-sweep)")
+    w.add_argument("--seed", type=int, default=None, help="sampler seed (default: the config's seed)")
+    w.set_defaults(func=_sweep)
 
     c = sub.add_parser("chat", help="chat in the terminal with a run (or any model)")
     c.add_argument("run", nargs="?", default="embedded")

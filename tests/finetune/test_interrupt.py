@@ -99,3 +99,18 @@ def test_dry_run_prints_estimates_and_writes_nothing(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "s/step measured" in r.stdout and "peak" in r.stdout and "trainable" in r.stdout
     assert not out.exists()
+
+
+def test_dry_run_counts_full_finetuning_optimizer_state(tiny_model_dir, tmp_path):
+    from tunesmith.finetune.config import load_config
+    from tunesmith.finetune.estimate import dry_run
+
+    args = _args(tiny_model_dir, tmp_path / "run")[3:]
+    lora = dry_run(load_config(None, args))
+    full = dry_run(load_config(None, [*args, "finetuning_type=full"]))
+    assert "(LoRA)" in lora and "(full fine-tuning)" in full
+
+    def adam(text: str) -> float:
+        return float(text.split("+ ")[1].split(" MiB AdamW")[0].replace(",", ""))
+
+    assert adam(full) > 10 * adam(lora)
