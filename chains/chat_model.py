@@ -34,7 +34,8 @@ from .errors import ChainModelError
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "SystemMessageChunk": "system",
           "HumanMessageChunk": "user", "AIMessageChunk": "assistant", "ToolMessageChunk": "tool"}
-_CALL_OVERRIDES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "use_adapter")
+_CALL_OVERRIDES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "use_adapter",
+                   "json_schema")
 """Keyword arguments that `invoke(..., temperature=0.2)` or `.bind(max_tokens=8)` may change per call."""
 _IGNORED = {"api_key", "max_retries", "base_url"}
 """Standard LangChain arguments that mean nothing for a local model: accepted (so generic code works) and unused."""
@@ -66,6 +67,9 @@ class TunedChatModel(BaseChatModel):
     seed: int | None = None
     use_adapter: bool = True
     """False answers with the base model alone (the adapter stays loaded), for tuned-vs-base comparisons."""
+    json_schema: dict | None = None
+    """Constrain every answer to JSON of this schema (GenerationParams.json_schema); usually set per call,
+    `.bind(json_schema=...)`, as `extract_chain` and `with_structured_output` do."""
     streaming: bool = False
     """If True, `invoke` streams internally (so streaming callbacks get tokens); the result is the same."""
     timeout: float | None = None
@@ -130,7 +134,7 @@ class TunedChatModel(BaseChatModel):
         return GenerationParams(
             max_new_tokens=v["max_tokens"], temperature=v["temperature"], top_p=v["top_p"], top_k=v["top_k"],
             repetition_penalty=v["repetition_penalty"], seed=v["seed"], use_adapter=v["use_adapter"],
-            stop=[*(self.stop or []), *(stop or [])],
+            json_schema=v["json_schema"], stop=[*(self.stop or []), *(stop or [])],
         )
 
     def _gen(self) -> Generator:
@@ -299,9 +303,10 @@ class TunedChatModel(BaseChatModel):
                                **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """Answer as an instance of `schema` (a Pydantic class, or a JSON-schema dict -> a dict).
 
-        There is no tool calling or constrained decoding here: the schema goes into a system message, the reply is
-        parsed as JSON and validated, and on failure the parse error is fed back for `max_retries` more tries
-        (default 2). `method=` and `strict=` are accepted for LangChain compatibility and change nothing.
+        There is no tool calling: the schema goes into a system message and decoding is constrained to JSON of
+        that schema (`json_schema`), so the reply parses unless `max_tokens` cuts it; it is then validated, and a
+        failure is fed back for `max_retries` more tries (default 2). `method=` and `strict=` are accepted for
+        LangChain compatibility and change nothing.
         """
         from .extract import structured_runnable
 
@@ -315,7 +320,7 @@ class TunedChatModel(BaseChatModel):
         return self.model_copy(update={
             "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
             "top_k": params.top_k, "repetition_penalty": params.repetition_penalty, "seed": params.seed,
-            "use_adapter": params.use_adapter, "stop": list(params.stop) or self.stop,
+            "use_adapter": params.use_adapter, "json_schema": params.json_schema, "stop": list(params.stop) or self.stop,
         })
 
 

@@ -1,4 +1,4 @@
-"""`tunesmith chain run NAME --input ...` and `tunesmith chain list`: parse, call chains/config.py, print."""
+"""`tunesmith chain run NAME --input ...`, `chain eval NAME --data FILE` and `chain list`: parse, call, print."""
 
 from __future__ import annotations
 
@@ -28,20 +28,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=_run)
 
+    e = sub.add_parser("eval", help="accuracy of a classify, extract or rag chain on a JSONL file of cases")
+    e.add_argument("name", help="a file in configs/chains/ (e.g. classify) or a path to a chain YAML")
+    e.add_argument("--data", required=True, help='JSONL: {"input": ..., "expected": ...} per line (rag: + "source")')
+    e.add_argument("--model", default=None, help="override the config's model (a run folder, `embedded`, ...)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, repeatable: --set params.use_adapter=false (the run's base model)")
+    e.add_argument("--misses", type=int, default=5, help="how many wrong cases to print (default 5)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON, every miss included")
+    e.set_defaults(func=_eval)
+
     ls = sub.add_parser("list", help="list the chains in configs/chains/")
     ls.set_defaults(func=_list)
 
 
-def _run(a: argparse.Namespace) -> int:
+def _config(a: argparse.Namespace) -> Any:
+    """The chain config with `--set` and `--model` applied."""
     from tunesmith.finetune.config import parse_override
 
-    from .config import build_chain, load_chain_config, main_input_key
+    from .config import load_chain_config
+
+    overrides: dict[str, Any] = {".".join(k): v for k, v in map(parse_override, a.set)}
+    if a.model:
+        overrides["model"] = a.model
+    return load_chain_config(a.name, overrides)
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .config import build_chain, main_input_key
 
     try:
-        overrides: dict[str, Any] = {".".join(k): v for k, v in map(parse_override, a.set)}
-        if a.model:
-            overrides["model"] = a.model
-        cfg = load_chain_config(a.name, overrides)
+        cfg = _config(a)
         text = Path(a.input_file).read_text(encoding="utf-8") if a.input_file else a.input
         inputs = {**({main_input_key(cfg): text} if text is not None else {}), **_vars(a.var)}
         if not inputs:
@@ -51,6 +68,29 @@ def _run(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(_jsonable(result), indent=2, ensure_ascii=False) if a.json else _show(result))
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from .config import build_chain
+    from .evaluate import evaluate_chain, load_cases
+
+    try:
+        cfg = _config(a)
+        cases = load_cases(a.data, cfg.kind)
+        result = evaluate_chain(build_chain(cfg, where=a.name), cfg, cases, progress=sys.stderr.isatty())
+    except (ChainError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps({"chain": a.name, "model": cfg.model, "data": a.data, "kind": result.kind,
+                          "cases": result.cases, "points": result.points, "out_of": result.out_of,
+                          "accuracy": result.accuracy, "misses": result.misses}, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{a.name} on {a.data}, model {cfg.model}")
+    print(result.summary())
+    for miss in result.misses[: a.misses]:
+        print(f"  miss: {miss['input'][:70]!r}: expected {miss['expected']!r}, got {miss['got']!r}")
     return 0
 
 

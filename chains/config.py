@@ -42,7 +42,8 @@ class ChainConfig:
     temperature, top_p, top_k, repetition_penalty, stop, seed, use_adapter). Unset ones keep TunedChatModel's
     defaults, which are greedy (temperature 0) so a chain gives the same answer every time."""
     prompt: str | None = None
-    """prompt: the user message template ({input} and any {variables}); rag: the system prompt, with {context}."""
+    """prompt: the user message template ({input} and any {variables}); rag: the system prompt, with {context}, for
+    generated answers (extractive: false)."""
     system: str = ""
     """prompt: an optional system message (may use {variables} too)."""
     instructions: str = ""
@@ -65,6 +66,9 @@ class ChainConfig:
     """rag: where the FAISS index is saved (default: under ~/.cache/tunesmith/rag)."""
     k: int = 2
     """rag: passages retrieved per question."""
+    extractive: bool = True
+    """rag: answer with the passage sentence the model ranks best, and its file (a model loaded by tunesmith);
+    false: generate the answer with `prompt`."""
     chunk_size: int | None = None
     """rag: characters per indexed chunk (default 600); summarize: characters per mapped part (default 2000)."""
     chunk_overlap: int | None = None
@@ -74,7 +78,7 @@ class ChainConfig:
 
 _COMMON = {"kind", "description", "model", "adapter", "params"}
 _KEYS = {
-    "rag": {"docs_dir", "index_dir", "k", "chunk_size", "chunk_overlap", "prompt"},
+    "rag": {"docs_dir", "index_dir", "k", "chunk_size", "chunk_overlap", "prompt", "extractive"},
     "classify": {"labels", "fallback", "examples", "instructions"},
     "extract": {"fields", "instructions", "max_retries"},
     "summarize": {"chunk_size", "chunk_overlap", "max_words"},
@@ -164,7 +168,8 @@ def build_chain(cfg: ChainConfig, model: Any = None, where: str = "chain config"
     if cfg.kind == "rag":
         assert cfg.docs_dir is not None  # checked in build_config
         return rag_chain(cfg.docs_dir, llm, k=cfg.k, prompt=cfg.prompt, index_dir=cfg.index_dir,
-                         chunk_size=cfg.chunk_size or 600, chunk_overlap=cfg.chunk_overlap or 80)
+                         chunk_size=cfg.chunk_size or 600, chunk_overlap=cfg.chunk_overlap or 80,
+                         extractive=cfg.extractive)
     if cfg.kind == "classify":
         shots = [(ex.get("text", ""), ex.get("label", "")) for ex in cfg.examples]
         return classify_chain(llm, cfg.labels, instructions=cfg.instructions, examples=shots, fallback=cfg.fallback)

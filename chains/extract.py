@@ -1,8 +1,11 @@
-"""Structured extraction into a Pydantic schema, for models without tool calling or constrained decoding.
+"""Structured extraction into a Pydantic schema, for models without tool calling.
 
-The schema goes into the system message as JSON schema; the reply is parsed (first JSON object in it, Markdown
-fences tolerated) and validated. When that fails the model sees its own reply and the exact error and tries again,
-which is what turns a 135M model's near-miss JSON (a missing field, a string for an int) into a valid object.
+The schema goes into the system message as a compact outline. On a `TunedChatModel` decoding is constrained to
+JSON of the schema (`GenerationParams.json_schema`, lm-format-enforcer): a 135M model cannot write a wrong type
+or a missing key, only a wrong value. Every field that may be null is required in the decoding schema, so the
+model has to decide about each one (`"age": null`) instead of closing the object early.
+For other chat models the reply is parsed (first JSON object in it, Markdown fences tolerated) and validated;
+when that fails the model sees its own reply and the exact error and tries again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from pydantic import BaseModel, ValidationError
 
+from .chat_model import TunedChatModel
 from .errors import OutputParseError
 from .prompts import EXTRACT_RETRY, EXTRACT_SYSTEM, strict_prompt, text_input
 
@@ -29,9 +33,15 @@ def extract_chain(model: BaseChatModel, schema: type[BaseModel], *, instructions
 
     Raises `OutputParseError` (with the last reply and error) when `max_retries` retries did not give valid JSON.
     """
-    prompt = ChatPromptTemplate.from_messages([("system", EXTRACT_SYSTEM), ("human", "{text}")]).partial(
-        schema=schema_json(schema), instructions=_line(instructions))
+    prompt = extract_prompt(schema, instructions=instructions)
     return text_input("text") | strict_prompt(prompt, "extract") | _parse_with_retry(model, schema, max_retries)
+
+
+def extract_prompt(schema: Schema, *, instructions: str = "") -> ChatPromptTemplate:
+    """The extraction prompt ({text} is the input), shared with examples/chains/build_train.py so a tuned run
+    learns exactly the prompt it is asked with."""
+    return ChatPromptTemplate.from_messages([("system", EXTRACT_SYSTEM), ("human", "{text}")]).partial(
+        schema=schema_json(schema), instructions=_line(instructions))
 
 
 def structured_runnable(model: BaseChatModel, schema: Schema, *, max_retries: int = 2,
@@ -51,14 +61,21 @@ def structured_runnable(model: BaseChatModel, schema: Schema, *, max_retries: in
 
 def _parse_with_retry(model: BaseChatModel, schema: Schema, max_retries: int,
                       include_raw: bool = False) -> Runnable[Any, Any]:
+    constrained = isinstance(model, TunedChatModel)
+    llm: Runnable[Any, BaseMessage] = model
+    if constrained:  # no repetition penalty: copying from the text is the task (with 1.1, "I am 36" gave age 27)
+        llm = model.bind(json_schema=decoding_schema(schema), repetition_penalty=1.0)
+
     def run(prompt: PromptValue | list[BaseMessage], config: RunnableConfig) -> Any:
         history = _to_messages(prompt)
         for _attempt in range(max_retries + 1):
-            reply = model.invoke(history, config)
+            reply = llm.invoke(history, config)
             try:
                 parsed = parse_json_reply(reply.text, schema)
             except OutputParseError as e:
-                error = e
+                cut = constrained and reply.response_metadata.get("finish_reason") == "length"
+                error = OutputParseError(f"{e} The JSON was cut off at max_tokens={model.max_tokens}: raise max_tokens "
+                                         "(params.max_new_tokens in a chain YAML).") if cut else e
                 history = [*history, reply, HumanMessage(EXTRACT_RETRY.format(error=e))]
                 continue
             return {"raw": reply, "parsed": parsed, "parsing_error": None} if include_raw else parsed
@@ -88,6 +105,27 @@ def parse_json_reply(text: str, schema: Schema) -> Any:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'object'}: {err['msg']}" for err in e.errors())
         raise OutputParseError(f"the JSON does not match the schema ({problems}).") from None
+
+
+MAX_STRING = 200
+"""Characters a string field may hold in constrained decoding unless the schema sets `maxLength`: inside a string
+any character is valid JSON, and a small model that never writes the closing quote would run to max_tokens."""
+
+
+def decoding_schema(schema: Schema) -> dict[str, Any]:
+    """The JSON schema decoding is held to: `schema`'s, with every property that may be null made required (the
+    model writes `null` rather than closing the object early) and strings capped at MAX_STRING characters."""
+    full = json.loads(json.dumps(schema if isinstance(schema, dict) else schema.model_json_schema()))
+    props = full.get("properties") or {}
+    nullable = [k for k, p in props.items() if "null" in json.dumps(p.get("type")) or
+                any(o.get("type") == "null" for o in p.get("anyOf", []))]
+    required = {*full.get("required", []), *nullable}
+    full["required"] = [k for k in props if k in required]  # in the schema's order, as the prompt's outline shows them
+    for prop in props.values():
+        for option in [prop, *prop.get("anyOf", []), prop.get("items") or {}]:
+            if option.get("type") == "string":
+                option.setdefault("maxLength", MAX_STRING)
+    return full
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ RAG_SYSTEM = (
     "If the context does not contain the answer, say you do not know. Name the source file you used.\n\n"
     "Context:\n{context}"
 )
+RAG_QUESTION = "Sentence: {sentence}\nWhich question does this sentence answer?"
+"""Extractive RAG scores the user's question as the reply to this, for every sentence of the retrieved passages."""
 CLASSIFY_SYSTEM = (
     "Classify the text into exactly one of these labels: {labels}.\n{instructions}"
     "Reply with the label only, nothing else."

@@ -37,6 +37,12 @@ class GenerationParams:
     seed: int | None = None
     use_adapter: bool = True
     """False answers with the base model alone (same weights in memory), for tuned-vs-base comparisons."""
+    json_schema: dict | None = None
+    """A JSON schema the answer must follow: decoding only allows tokens that keep the text valid JSON of this
+    schema (lm-format-enforcer), so even a 135M model's answer parses. It can still be cut by `max_new_tokens`
+    (finish_reason "length"), and lm-format-enforcer's number grammar lets an integer have an exponent (`3e2`) and
+    any number of digits: validate the parsed answer. The OpenAI API's `response_format` and the extract chain
+    both set this."""
 
     def __post_init__(self) -> None:
         self.stop = [s for s in self.stop if s]  # "" would match everywhere and end every answer at once
@@ -48,6 +54,8 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema must be a JSON schema dict, got {type(self.json_schema).__name__}")
 
 
 @dataclass
@@ -172,6 +180,8 @@ class Generator:
         self.name = loaded.name
         self._lock = _RWLock()
         self.has_adapter = hasattr(self.model, "disable_adapter")
+        self._json_vocab: Any = None  # lm-format-enforcer's view of the vocabulary, built on first json_schema use
+        self._json_vocab_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -211,6 +221,41 @@ class Generator:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
+    def _json_constraint(self, schema: dict) -> Any:
+        """`prefix_allowed_tokens_fn` for model.generate: at each step, only tokens that keep the answer a valid
+        prefix of JSON matching `schema` (plus end-of-turn once the object is complete).
+
+        Built on lm-format-enforcer's core `TokenEnforcer`, its documented extension point: the package's own
+        transformers integration fails to import on transformers 5 (noamgat/lm-format-enforcer PR #177)."""
+        from lmformatenforcer import (
+            CharacterLevelParserConfig,
+            JsonSchemaParser,
+            TokenEnforcer,
+            TokenEnforcerTokenizerData,
+        )
+
+        try:
+            parser = JsonSchemaParser(schema)
+        except Exception as e:  # pydantic's error for a malformed schema, or lm-format-enforcer's for an unsupported one
+            raise ValueError(f"json_schema is not a usable JSON schema ({type(e).__name__}: {str(e)[:300]}). Give an "
+                             "object schema such as a Pydantic model's model_json_schema().") from None
+        with self._json_vocab_lock:
+            if self._json_vocab is None:
+                vocab = len(self.tokenizer)
+                self._json_vocab = TokenEnforcerTokenizerData(
+                    _token_strings(self.tokenizer, vocab), self._decode_json_prefix,
+                    self._eos_ids(),  # the end of a chat turn (ChatML's <|im_end|>) too, not only the tokenizer's EOS
+                    use_bitmask=False, vocab_size=vocab)
+        enforcer = TokenEnforcer(self._json_vocab, parser)
+        # TokenEnforcer lets strings hold every single-character token, raw newlines and tabs included, which
+        # strict JSON parsers reject (a random model writes them): narrow its alphabet after it has set it
+        alphabet = "".join(c for c in self._json_vocab.tokenizer_alphabet if c >= " ")
+        parser.config = CharacterLevelParserConfig(alphabet=alphabet)
+        return lambda _row, ids: enforcer.get_allowed_tokens(ids.tolist()).allowed_tokens
+
+    def _decode_json_prefix(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids).rstrip("\ufffd")  # half a UTF-8 character is not text yet
+
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
         gc = getattr(self.model, "generation_config", None)
@@ -231,13 +276,15 @@ class Generator:
                                    "prompt and answer together). Shorten the prompt.", "messages")
             p = replace(p, max_new_tokens=min(p.max_new_tokens, limit - longest))
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
+        constraint = {"prefix_allowed_tokens_fn": self._json_constraint(p.json_schema)} if p.json_schema else {}
         base_mode = not p.use_adapter and self.has_adapter
         self._lock.acquire(exclusive=base_mode)
         try:
             if p.seed is not None:
                 torch.manual_seed(p.seed)
             with torch.inference_mode(), (self.model.disable_adapter() if base_mode else contextlib.nullcontext()):
-                out = self.model.generate(**enc, **self._gen_kwargs(p), stopping_criteria=StoppingCriteriaList([watch]))
+                out = self.model.generate(**enc, **self._gen_kwargs(p), **constraint,
+                                          stopping_criteria=StoppingCriteriaList([watch]))
         finally:
             self._lock.release(exclusive=base_mode)
         results = []
@@ -272,6 +319,22 @@ class Generator:
         for i in range(0, len(prompts), max_batch_size):
             out += self._run(prompts[i: i + max_batch_size], p, cancel)
         return out
+
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[str], use_adapter: bool = True,
+              max_rows: int = 64) -> list[list[float]]:
+        """Summed log-probability of each candidate answer (its tokens through the end-of-turn token, exactly the
+        tokens training puts loss on) after each prompt: scores[i][j] for prompts[i], candidates[j].
+
+        Picking the argmax always yields one of the candidates, which is what a small model needs for labels: it
+        may put the right label first and still ramble when generating freely. Each prompt runs once; its KV cache
+        is shared by all candidates."""
+        base_mode = not use_adapter and self.has_adapter
+        self._lock.acquire(exclusive=base_mode)
+        try:
+            with torch.inference_mode(), (self.model.disable_adapter() if base_mode else contextlib.nullcontext()):
+                return score_candidates(self.model, self.tokenizer, prompts, candidates, max_rows=max_rows).tolist()
+        finally:
+            self._lock.release(exclusive=base_mode)
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -322,3 +385,110 @@ def load_generator(source: str | Path, **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id."""
     return Generator(load_run(source, **kw))
 
+
+def candidate_ids(tokenizer: Any, prompt: Prompt, candidates: Sequence[str]) -> tuple[list[int], list[list[int]],
+                                                                                   list[list[bool]]]:
+    """(shared prompt ids, per candidate: continuation ids, which of them are scored).
+
+    A chat prompt is tokenized with each candidate as the assistant reply by the same function training uses, so
+    the scored tokens are exactly the trained ones (reply + end-of-turn). The shared prefix is what all candidates'
+    token sequences have in common before their first scored token; a token straddling the boundary is fed but
+    not scored. A plain-text prompt scores the candidate text plus EOS."""
+    from .data import tokenize_messages
+
+    seqs: list[tuple[list[int], list[bool]]] = []
+    for cand in candidates:
+        if isinstance(prompt, str):
+            text = prompt + cand + (tokenizer.eos_token or "")
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            seqs.append((list(enc["input_ids"]), [e > len(prompt) for _, e in enc["offset_mapping"]]))
+        else:
+            if not tokenizer.chat_template:
+                raise ValueError("the tokenizer has no chat template; pass plain string prompts to score labels")
+            msgs = list(prompt) + [{"role": "assistant", "content": cand}]
+            seqs.append(tokenize_messages(msgs, tokenizer, tokenizer.chat_template, train_on_prompt=False))
+    firsts = [tr.index(True) if True in tr else len(tr) for _, tr in seqs]
+    n = min(firsts)
+    while n > 0 and any(ids[:n] != seqs[0][0][:n] for ids, _ in seqs):
+        n -= 1
+    if n == 0:
+        raise ValueError("cannot score candidates: they share no prompt tokens (an empty prompt?)")
+    return seqs[0][0][:n], [ids[n:] for ids, _ in seqs], [tr[n:] for _, tr in seqs]
+
+
+def score_candidates(model: Any, tokenizer: Any, prompts: Sequence[Prompt], candidates: Sequence[str],
+                     max_rows: int = 64) -> torch.Tensor:
+    """(len(prompts), len(candidates)) summed log-probs; see `Generator.score`. Also used by the trainer's eval.
+
+    Prompts are left-padded and run once per batch; their KV cache is repeated for the candidates, which run
+    right-padded with explicit positions (so padding never shifts a position)."""
+    k = len(candidates)
+    if k == 0:
+        raise ValueError("no candidates to score")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.empty(len(prompts), k, dtype=torch.float64)
+    per = max(1, max_rows // k)
+    for start in range(0, len(prompts), per):
+        chunk = [candidate_ids(tokenizer, p, candidates) for p in prompts[start: start + per]]
+        r = len(chunk)
+        plen = max(len(c[0]) for c in chunk)
+        p_ids = torch.full((r, plen), pad, dtype=torch.long)
+        p_mask = torch.zeros((r, plen), dtype=torch.long)
+        for i, (ids, _, _) in enumerate(chunk):
+            p_ids[i, plen - len(ids):] = torch.tensor(ids)
+            p_mask[i, plen - len(ids):] = 1
+        p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+        res = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), position_ids=p_pos.to(device),
+                    use_cache=True)
+        last = torch.log_softmax(res.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (r*k, V)
+        cache = res.cache if hasattr(res, "cache") else res.past_key_values  # renamed in transformers 5.x
+        cache.batch_repeat_interleave(k)
+        clen = max(len(c) for _, conts, _ in chunk for c in conts)
+        c_ids = torch.full((r * k, clen), pad, dtype=torch.long)
+        c_mask = torch.zeros((r * k, clen), dtype=torch.long)
+        scored = torch.zeros((r * k, clen), dtype=torch.bool)
+        for i, (_, conts, marks) in enumerate(chunk):
+            for j, (ids, mk) in enumerate(zip(conts, marks)):
+                c_ids[i * k + j, : len(ids)] = torch.tensor(ids)
+                c_mask[i * k + j, : len(ids)] = 1
+                scored[i * k + j, : len(mk)] = torch.tensor(mk)
+        c_pos = p_mask.sum(1).repeat_interleave(k)[:, None] + torch.arange(clen)[None]
+        mask = torch.cat([p_mask.repeat_interleave(k, 0), c_mask], 1)
+        logits = model(input_ids=c_ids.to(device), attention_mask=mask.to(device), position_ids=c_pos.to(device),
+                       use_cache=True, **{_cache_kw(model): cache}).logits.float()
+        # token t of the continuation is predicted by the prompt's last position (t = 0) or continuation t - 1
+        logp = torch.cat([last[:, None], torch.log_softmax(logits[:, :-1], -1)], 1)
+        tok_lp = logp.gather(-1, c_ids.to(device)[..., None])[..., 0].cpu().double()
+        out[start: start + r] = (tok_lp * scored).sum(1).view(r, k)
+    return out
+
+
+def _token_strings(tokenizer: Any, vocab_size: int) -> list[tuple[int, str, bool]]:
+    """(id, text, starts a word) for the tokens JSON may be written with, as lm-format-enforcer's TokenEnforcer
+    needs them.
+
+    A token's text is decoded after a "0" token and the "0" cut off: decoding it alone drops the leading space of
+    SentencePiece pieces; a token whose text is longer that way starts a new word. Left out: special tokens,
+    pieces of a UTF-8 character (they decode to U+FFFD alone and to something else next to their neighbour, so the
+    enforcer would check other text than the one written) and control characters and tabs, which JSON strings may
+    not hold raw and lm-format-enforcer lets into strings (spaces and newlines still lay the JSON out)."""
+    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(vocab_size) if i not in special]
+    after_zero = tokenizer.batch_decode([[zero, i] for i in ids])
+    alone = tokenizer.batch_decode([[i] for i in ids])
+    out = []
+    for i, a, b in zip(ids, after_zero, alone):
+        text = a[1:]
+        if text and "\ufffd" not in text and all(c >= " " and c != "\x7f" or c in "\n\r" for c in text):
+            out.append((i, text, len(text) > len(b)))
+    return out
+
+
+def _cache_kw(model: Any) -> str:
+    """`cache` in transformers >= 5.2x, `past_key_values` before (and deprecated after)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from tunesmith.finetune.evaluate import evaluate_run, format_table
-from tunesmith.finetune.metrics import rouge_l
 from tunesmith.finetune.merge import merge_run
+from tunesmith.finetune.metrics import rouge_l
 from tunesmith.finetune.model import ModelLoadError, load_run
 
 DATA = "tests/fixtures/messages.jsonl"
