@@ -75,7 +75,9 @@ BOTH = ["My name is {n}, I am {a} and I live in {c}.", "{n}, {a}, from {c}.", "H
         "{n} lives in {c}. She is {a}.", "{n} lives in {c}. He is {a} years old.",
         "Meet {n}, {a}, a designer from {c}."]
 NO_AGE = ["My name is {n} and I live in {c}.", "{n} from {c}.", "Hi, I'm {n}, based in {c}.",
-          "{n} has lived in {c} for years.", "This is {n}. I was born in {c}.", "{n}, a teacher in {c}."]
+          "{n} has lived in {c} for years.", "This is {n}. I was born in {c}.", "{n}, a teacher in {c}.",
+          "{n} lives in {c} with two cats.", "I'm {n} and I work at a bakery in {c}.", "{n} moved to {c} in 2019.",
+          "Greetings from {c}! I am {n}."]
 NO_CITY = ["My name is {n} and I am {a}.", "{n}, {a}.", "I'm {n}, {a} years old.", "{n} turned {a} yesterday.",
            "This is {n}, aged {a}.", "{n} is a {a}-year-old pilot."]
 
@@ -164,14 +166,14 @@ def records(seed: int = 0) -> list[dict]:
                                  examples=[(e["text"], e["label"]) for e in cls_cfg.examples])
     for label, templates in (("bug", BUG), ("feature", FEATURE), ("question", QUESTION)):
         for t in templates:
-            for part in rnd.sample(PARTS, 3):
+            for part in rnd.sample(PARTS, 2):
                 text = t.replace("{p}", part).replace("{P}", part[0].upper() + part[1:])
                 msgs = to_chat(cls_prompt.invoke({"text": text}).to_messages())
                 out.append({"messages": [*msgs, {"role": "assistant", "content": label}], "task": "classify"})
 
     ext_cfg = load_chain_config(ROOT / "configs" / "chains" / "extract.yaml")
     ext_prompt = extract_prompt(extraction_schema(ext_cfg, "extract"), instructions=ext_cfg.instructions)
-    for templates, has_age, has_city, n in ((BOTH, True, True, 90), (NO_AGE, False, True, 30), (NO_CITY, True, False, 30)):
+    for templates, has_age, has_city, n in ((BOTH, True, True, 80), (NO_AGE, False, True, 60), (NO_CITY, True, False, 50)):
         for _ in range(n):
             name = rnd.choice(FIRST) + ("" if rnd.random() < 0.15 else " " + rnd.choice(LAST))
             age, city = rnd.randint(16, 90), rnd.choice(CITIES)
