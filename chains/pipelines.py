@@ -63,8 +63,9 @@ def classify_prompt(labels: list[str], *, instructions: str = "",
 def _most_likely_label(model: TunedChatModel, labels: list[str]) -> Runnable[PromptValue, str]:
     """The label whose tokens (through the end of the turn) the model finds most likely as its reply.
 
-    Summed, not per-token, log-probabilities: a label's end-of-turn token already says "the reply stops here",
-    and on examples/chains/classify_eval.jsonl the sum scored higher than the mean (README, Chains)."""
+    Summed, not averaged per token: a label's end-of-turn token already says "the reply stops here", and a mean
+    would favour long labels whose later tokens are near-certain once begun. The shipped labels are one token each,
+    so on examples/chains/classify_eval.jsonl both rank alike (15 of 36 with the embedded model)."""
 
     def pick(prompt: PromptValue) -> str:
         chat = to_chat(prompt.to_messages())

@@ -34,7 +34,7 @@ from tunesmith.finetune.model import cache_dir
 
 from .chat_model import TunedChatModel, as_chat_model
 from .embeddings import default_embeddings
-from .errors import DocumentsError, PromptVariableError
+from .errors import ChainConfigError, DocumentsError, PromptVariableError
 from .prompts import RAG_QUESTION, RAG_SYSTEM, strict_prompt, text_input
 from .store import FaissStore
 
@@ -66,6 +66,10 @@ def rag_chain(docs_dir: str | os.PathLike[str], model: BaseChatModel | Generator
                                   f"got: {prompt!r}")
     retriever = store.as_retriever(search_kwargs={"k": k})
     if extractive and isinstance(chat, TunedChatModel):
+        if prompt is not None:  # it would be silently unused: extractive answers are scored, not prompted
+            raise ChainConfigError("rag: `prompt` is for generated answers, and this chain quotes the best sentence "
+                                   "(extractive). Set extractive: false (extractive=False) to use the prompt, or "
+                                   "remove it.")
         answer: Runnable[dict[str, Any], str] = RunnableLambda(lambda x: best_sentence(chat, x["question"],
                                                                                       x["sources"]),
                                                                name="best_sentence")
@@ -89,7 +93,7 @@ def best_sentence(model: TunedChatModel, question: str, docs: list[Document]) ->
     """The sentence of `docs` under which `model` finds `question` most likely, then ` [its file]`.
 
     Scoring P(question | sentence), not P(sentence | question and passages): asked the forward way, the 135M
-    model preferred long generic sentences (14 of 35 right on examples/chains/rag_docs_eval.jsonl, against 29)."""
+    model preferred long generic sentences (14 of 35 right on examples/chains/rag_docs_eval.jsonl, against 28)."""
     candidates = [(s, str(d.metadata.get("source", "?"))) for d in docs for s in split_sentences(d.page_content)]
     if not candidates:
         return "The documents found for this question contain no sentence to answer it with."

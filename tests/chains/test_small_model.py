@@ -118,6 +118,16 @@ def test_extractive_rag_answer_is_a_retrieved_sentence_with_its_file(docs_dir: P
         assert sentence == cands[max(range(len(cands)), key=scores.__getitem__)]
 
 
+def test_extractive_rag_refuses_a_prompt_it_would_not_use(docs_dir: Path, tmp_path: Path, tiny_gen, minilm) -> None:
+    from tunesmith.chains import ChainConfigError
+
+    kw = {"index_dir": tmp_path / "i", "embeddings": minilm, "prompt": "Be brief.\n{context}"}
+    with pytest.raises(ChainConfigError, match="extractive: false"):
+        rag_chain(docs_dir, load_chat_model(tiny_gen), **kw)
+    qa = rag_chain(docs_dir, load_chat_model(tiny_gen, max_tokens=3), extractive=False, **kw)
+    assert not qa.invoke("Which license?")["answer"].endswith("[faq.txt]")
+
+
 @pytest.mark.parametrize(("kind", "got", "case", "want"), [
     ("classify", "bug", {"expected": "bug"}, (1, 1)),
     ("classify", "feature", {"expected": "bug"}, (0, 1)),
@@ -153,6 +163,19 @@ def test_cli_eval_runs_on_the_tiny_run(name: str, tiny_run_dir: Path, tmp_path: 
     data.write_text("".join((EXAMPLES / f"{name}_eval.jsonl").read_text().splitlines(keepends=True)[:2]))
     args = ["chain", "eval", name, "--data", str(data), "--model", str(tiny_run_dir),
             "--set", "params.max_new_tokens=200", "--json"]
+    if name == "rag_docs":
+        args += ["--set", f"index_dir={tmp_path / 'index'}"]  # not under the user's cache
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["cases"] == 2 and 0 <= out["accuracy"] <= 1 and out["out_of"] == (6 if name == "extract" else 2)
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_the_issue_examples(docs_dir: Path, tmp_path: Path) -> None:
+    """Issue 12: rag on the embedded model quotes `--resume` from training.md; extract fills the keys with values
+    from the text (its age for Ada Lovelace is still invented: the tuned run in README fixes that)."""
+    llm = load_chat_model("embedded")
+    out = rag_chain(docs_dir, llm, index_dir=tmp_path / "idx").invoke("How do I resume an interrupted training run?")
+    assert "--resume" in out["answer"] and out["answer"].endswith("[training.md]")
+    person = extract_chain(llm, Person).invoke("My name is Ada Lovelace, I am 36 and live in London.")
+    assert (person.name, person.city) == ("Ada Lovelace", "London")
