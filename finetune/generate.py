@@ -406,7 +406,14 @@ def candidate_ids(tokenizer: Any, prompt: Prompt, candidates: Sequence[str]) -> 
             if not tokenizer.chat_template:
                 raise ValueError("the tokenizer has no chat template; pass plain string prompts to score labels")
             msgs = list(prompt) + [{"role": "assistant", "content": cand}]
-            seqs.append(tokenize_messages(msgs, tokenizer, tokenizer.chat_template, train_on_prompt=False))
+            ids, train = tokenize_messages(msgs, tokenizer, tokenizer.chat_template, train_on_prompt=False)
+            # only the candidate (the last reply) is scored; few-shot example replies in the prompt are context
+            start = len(train)
+            while start > 0 and not train[start - 1]:
+                start -= 1
+            while start > 0 and train[start - 1]:
+                start -= 1
+            seqs.append((ids, [t and j >= start for j, t in enumerate(train)]))
     firsts = [tr.index(True) if True in tr else len(tr) for _, tr in seqs]
     n = min(firsts)
     while n > 0 and any(ids[:n] != seqs[0][0][:n] for ids, _ in seqs):

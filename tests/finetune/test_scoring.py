@@ -12,6 +12,8 @@ PROMPTS = [
     [{"role": "user", "content": "Which category: a fast JSON parser?"}],
     [{"role": "system", "content": "Answer with one label."}, {"role": "user", "content": "hi"}],
     [{"role": "user", "content": "A longer prompt so the batch is left-padded: " + "word " * 20}],
+    [{"role": "user", "content": "few-shot: good?"}, {"role": "assistant", "content": "yes"},
+     {"role": "user", "content": "and this one?"}],
 ]
 LABELS = ["yes", "no", "maybe so", "positive", "pos"]
 
@@ -28,7 +30,11 @@ def manual_scores(model, tok, prompts, labels) -> torch.Tensor:
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids])).logits[0].double()
             lp = torch.log_softmax(logits, -1)
-            out[i, j] = sum(lp[t - 1, ids[t]] for t in range(1, len(ids)) if train[t])
+            last = max(t for t in range(len(ids)) if train[t])  # the candidate reply: the last run of trained ids
+            first = last
+            while train[first - 1]:
+                first -= 1
+            out[i, j] = sum(lp[t - 1, ids[t]] for t in range(first, last + 1))
     return out
 
 
