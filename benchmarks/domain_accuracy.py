@@ -6,7 +6,7 @@ the same call (`tunesmith eval --baseline tfidf`). Accuracy is not timing, but t
 so the cost of a recipe is visible.
 
     python benchmarks/domain_accuracy.py                      # all sizes, quickstart vs the classify recipe
-    python benchmarks/domain_accuracy.py --sizes 50 --recipes classify
+    python benchmarks/domain_accuracy.py --sizes 50 --recipes quickstart,lora8,classify   # the recipe comparison
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ DATA = ROOT / "benchmarks" / "data" / "debian_sections"
 RECIPES = {
     "quickstart": ["configs/quickstart.yaml"],
     "classify": ["configs/smollm2-135m_classify.yaml"],
+    "lora8": ["configs/quickstart.yaml", "train.epochs=8"],  # the quickstart with 4x the updates
 }
 """name -> [config, overrides...]; data paths and output_dir are set per size."""
 

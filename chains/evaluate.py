@@ -13,12 +13,12 @@ The shipped sets are in examples/chains/ (README, Chains, has the results for th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable
+from tunesmith.finetune import DataError, read_records
 
 from .config import ChainConfig, main_input_key
 from .errors import ChainConfigError, OutputParseError
@@ -58,19 +58,18 @@ def load_cases(path: str | Path, kind: str) -> list[dict[str, Any]]:
                                "lines (examples/chains/*_eval.jsonl).")
     needed = ["input", "expected", *(["source"] if kind == "rag" else [])]
     cases = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            case = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChainConfigError(f"{p}:{n}: not valid JSON ({e.msg}). Each line is one JSON object.") from None
-        missing = [k for k in needed if not isinstance(case, dict) or k not in case]
+    try:
+        records = list(read_records(p))
+    except DataError as e:
+        raise ChainConfigError(str(e)) from None
+    for rec in records:
+        case = rec.data
+        missing = [k for k in needed if k not in case]
         if missing:
-            raise ChainConfigError(f"{p}:{n}: missing {', '.join(missing)}. A {kind} case has the keys "
+            raise ChainConfigError(f"{rec.where}: missing {', '.join(missing)}. A {kind} case has the keys "
                                    f"{', '.join(needed)}.")
         if kind == "extract" and not isinstance(case["expected"], dict):
-            raise ChainConfigError(f"{p}:{n}: `expected` must be an object of field values for an extract chain.")
+            raise ChainConfigError(f"{rec.where}: `expected` must be an object of field values for an extract chain.")
         cases.append(case)
     if not cases:
         raise ChainConfigError(f"{p} has no cases.")

@@ -14,7 +14,7 @@ from tunesmith import lazy_exports
 
 if TYPE_CHECKING:
     from .config import Config, ConfigError, load_config, save_config
-    from .data import DataError
+    from .data import DataError, Record, read_records
     from .errors import MergeError, ModelLoadError
     from .evaluate import evaluate_run
     from .generate import Chunk, Completion, GenerationParams, Generator, load_generator
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # public names load on first use (see tunesmith.lazy_exports): the CLI must start without importing torch
 _WHERE = {
     "Config": ".config", "ConfigError": ".config", "load_config": ".config", "save_config": ".config",
-    "DataError": ".data", "evaluate_run": ".evaluate", "Chunk": ".generate", "Completion": ".generate",
+    "DataError": ".data", "Record": ".data", "read_records": ".data", "evaluate_run": ".evaluate", "Chunk": ".generate", "Completion": ".generate",
     "GenerationParams": ".generate", "Generator": ".generate", "load_generator": ".generate", "MergeError": ".errors",
     "merge_run": ".merge", "LoadedRun": ".model", "ModelLoadError": ".errors", "load_run": ".model", "sweep": ".sweep",
     "train": ".trainer",
@@ -34,8 +34,8 @@ _WHERE = {
 
 __all__ = [
     "Chunk", "Completion", "Config", "ConfigError", "DataError", "GenerationParams", "Generator", "LoadedRun",
-    "MergeError", "ModelLoadError", "evaluate_run", "load_config", "load_generator", "load_run", "merge_run",
-    "save_config", "sweep", "train",
+    "MergeError", "ModelLoadError", "Record", "evaluate_run", "load_config", "load_generator", "load_run",
+    "merge_run", "read_records", "save_config", "sweep", "train",
 ]
 
 

@@ -74,6 +74,8 @@ class DataReport:
 
 # -- reading files ---------------------------------------------------------------------------------------------
 def read_records(path: str | Path) -> Iterator[Record]:
+    """The records of a JSONL/JSON/CSV/Parquet file or a datasets folder, each with where it came from, so every
+    later error can name `file:line`; unreadable lines raise DataError naming the line and the fix."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: data file not found. Check data.train / data.validation in your config.")

@@ -83,7 +83,9 @@ def sweep(config: str | Path | Config, trials: int, metric: str = "auto", space:
                                     optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, trials // 4))))
         _check_same_sweep(study, metric, spec, out)
         # a fresh seed per start: reseeding with the same value would replay the first trials' settings after a resume
-        study.sampler = optuna.samplers.TPESampler(seed=(cfg.seed if seed is None else seed) + len(study.trials))
+        # TPE's default of 10 random trials first would make a CPU-sized sweep (6-12 trials) a random search
+        study.sampler = optuna.samplers.TPESampler(seed=(cfg.seed if seed is None else seed) + len(study.trials),
+                                                   n_startup_trials=min(10, max(3, trials // 3)))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # we hold the lock: none is alive
             print(f"trial {t.number} was interrupted; its settings run again", flush=True)
             _requeue(study, t.number, t.params)

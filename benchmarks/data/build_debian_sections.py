@@ -39,6 +39,8 @@ enough distinct packages after de-duplication for 60 test + 150 training records
 SEED = 0
 N_TEST = 60
 TRAIN_SIZES = (20, 50, 150)
+VAL_FROM, N_VAL = 50, 10
+"""val.jsonl: N_VAL packages per section taken after the first VAL_FROM of the training pool."""
 QUESTION = "Which Debian section does this package belong to? Answer with one of: {labels}."
 
 _SKIP_SUFFIX = re.compile(r"-(dev|doc|docs|dbg|dbgsym|data|common|l10n|examples)$")
@@ -151,13 +153,15 @@ def split(pkgs: list[Package], seed: int = SEED) -> dict[str, list[Package]]:
     """`test` (N_TEST per section) and nested `train_<n>` pools, each file in one fixed random order.
 
     One shuffle per section decides everything: its first N_TEST packages are the test set, the next ones fill the
-    training pools in order, so train_20 is the start of train_50, which is the start of train_150."""
+    training pools in order, so train_20 is the start of train_50, which is the start of train_150. `val` is the
+    N_VAL packages after train_50's: held out from train_20 and train_50 (for picking settings, e.g. `tunesmith
+    sweep`, without looking at `test`), but inside train_150."""
     rng = random.Random(seed)
     need = N_TEST + max(TRAIN_SIZES)
     per_section: dict[str, list[Package]] = {}
     for p in sorted(pkgs, key=lambda p: p.name):
         per_section.setdefault(p.section, []).append(p)
-    parts: dict[str, list[Package]] = {"test": []} | {f"train_{n}": [] for n in TRAIN_SIZES}
+    parts: dict[str, list[Package]] = {"test": []} | {f"train_{n}": [] for n in TRAIN_SIZES} | {"val": []}
     for section in sorted(per_section):
         group = per_section[section]
         if len(group) < need:
@@ -167,6 +171,7 @@ def split(pkgs: list[Package], seed: int = SEED) -> dict[str, list[Package]]:
         parts["test"] += group[:N_TEST]
         for n in TRAIN_SIZES:
             parts[f"train_{n}"] += group[N_TEST:N_TEST + n]
+        parts["val"] += group[N_TEST + VAL_FROM:N_TEST + VAL_FROM + N_VAL]
     order = {p.name: rng.random() for p in pkgs}  # one order shared by all files: classes interleaved
     return {k: sorted(v, key=lambda p: order[p.name]) for k, v in parts.items()}
 

@@ -46,6 +46,9 @@ def test_committed_files_are_balanced_nested_and_disjoint():
     question = build.QUESTION.format(labels=", ".join(labels))
     assert all(x.startswith(question + "\n\n") for x, _ in test + pools[150])
     assert len({x for x, _ in test}) == len(test)
+    val = _load("val.jsonl")
+    assert Counter(y for _, y in val) == {lab: build.N_VAL for lab in labels}
+    assert {x for x, _ in val} <= texts[150] and not {x for x, _ in val} & texts[50]
 
 
 _INDEX = """\

@@ -84,3 +84,16 @@ def test_cli_parsing_and_public_names_do_not_import_torch():
             "from tunesmith.finetune import train; print(train.__module__, f.load_generator.__module__)")
     r = _run([sys.executable, "-c", code])
     assert r.stdout.split() == ["tunesmith.finetune.trainer", "tunesmith.finetune.generate"], r.stderr[-2000:]
+
+
+def test_overrides_may_follow_options():
+    """The README writes `tunesmith sweep CFG --trials 8 train.lr=1e-4`; argparse alone refused the override there."""
+    from tunesmith.cli import parse_args
+
+    a = parse_args(["sweep", "c.yaml", "data.max_length=64", "--trials", "2", "train.lr=1e-4", "--seed", "3"])
+    assert (a.config, a.trials, a.seed, a.overrides) == ("c.yaml", 2, 3, ["data.max_length=64", "train.lr=1e-4"])
+    assert parse_args(["train", "c.yaml", "--dry-run", "train.lr=1e-4"]).overrides == ["train.lr=1e-4"]
+    with pytest.raises(SystemExit):
+        parse_args(["sweep", "c.yaml", "--trials", "2", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse_args(["eval", "RUN", "--data", "t.jsonl", "train.lr=1e-4"])  # eval takes no overrides
