@@ -161,3 +161,15 @@ def test_ctrl_c_marks_the_trial_and_a_rerun_runs_its_settings_again(tmp_path, mo
     assert [(r["state"], r["eval_loss"]) for r in res["trials"]] == [("interrupted", None), ("complete", 1.5)]
     assert res["trials"][1]["settings"] == res["trials"][0]["settings"] and res["best"]["trial"] == 1
     assert _study(out).trials[1].intermediate_values == {2: 2.0}
+
+
+def test_shipped_search_spaces_are_valid_for_the_quickstart():
+    """configs/sweep/*.yaml start from the quickstart config (README "Domain accuracy"): every range end must load."""
+    from tunesmith.finetune.sweep import _check_space, load_space
+
+    quickstart = ROOT / "configs" / "quickstart.yaml"
+    spaces = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
+    assert spaces
+    for f in spaces:
+        spec, where = load_space(f, load_config(quickstart))
+        _check_space(spec, quickstart, where)
