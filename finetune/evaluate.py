@@ -18,8 +18,9 @@ from typing import Any, Literal
 import torch
 
 from .data import IGNORE, DataReport, build_examples, collate, load_records, prompts_and_answers
-from .generate import GenerationParams, Generator, load_generator, score_candidates
+from .generate import GenerationParams, Generator, load_generator
 from .metrics import detect_labels, label_metrics, plot_confusion, rouge_l, tfidf_baseline
+from .scoring import score_candidates
 
 Mode = Literal["auto", "generate", "score"]
 

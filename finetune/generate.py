@@ -7,7 +7,7 @@ really stops the generate loop, left-padded batching, and usage counts.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .logits import GeneratedLogprob, RowSampler, _token_text, completion_logprobs, generate_kwargs, token_key
 from .model import LoadedRun, load_run
+from .scoring import score_candidates
+from .sharing import AdapterSwitch, CpuShare, cpu_share
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
@@ -43,6 +46,14 @@ class GenerationParams:
     (finish_reason "length"), and lm-format-enforcer's number grammar lets an integer have an exponent (`3e2`) and
     any number of digits: validate the parsed answer. The OpenAI API's `response_format` and the extract chain
     both set this."""
+    presence_penalty: float = 0.0
+    """OpenAI's penalties (-2..2), over the generated tokens only: logit -= presence * (count > 0)
+    + frequency * count (finetune/logits.py). Positive values discourage repeating what was already written."""
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    """Report each generated token's log-probability (from the raw logits) in `Completion.logprobs`."""
+    top_logprobs: int = 0
+    """With `logprobs`: also the 0..20 likeliest tokens at each step."""
 
     def __post_init__(self) -> None:
         self.stop = [s for s in self.stop if s]  # "" would match everywhere and end every answer at once
@@ -56,6 +67,13 @@ class GenerationParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise ValueError(f"json_schema must be a JSON schema dict, got {type(self.json_schema).__name__}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
 
 
 @dataclass
@@ -65,6 +83,8 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     """"stop" (EOS or a stop string), "length" (max_new_tokens reached) or "cancelled"."""
+    logprobs: list[GeneratedLogprob] | None = None
+    """One entry per token of `text` when `GenerationParams.logprobs` asked for them, else None."""
 
 
 @dataclass
@@ -74,6 +94,32 @@ class Chunk:
     text: str
     done: bool = False
     completion: Completion | None = None
+    logprobs: list[GeneratedLogprob] | None = None
+    """With `GenerationParams.logprobs`: the answer's token logprobs, all on the chunk with the last text (or the
+    done chunk): they are read from the logits `generate` returns at its end."""
+
+
+@dataclass
+class TokenLogprobs:
+    """How likely a model finds each token of a text: the `logprobs` object of OpenAI's completions API, and what
+    lm-evaluation-harness sums to score an answer. `tokens` joined give the text back; `text_offset` is where each
+    starts in it."""
+
+    ids: list[int]
+    tokens: list[str]
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    """log p(token | the tokens before it); None for the first token, which nothing predicts."""
+    top_logprobs: list[dict[str, float] | None]
+    """The `top_n` most likely tokens at each position (token text -> logprob); None for the first token."""
+    next_id: int | None = None
+    """The most likely token after the text (what greedy decoding writes next), its logprob and top alternatives."""
+    next_logprob: float | None = None
+    next_top: dict[str, float] = field(default_factory=dict)
+    next_ends: bool = False
+    """Whether that next token ends the answer (EOS or end of turn)."""
+    next_token: str = ""
+    """That token as `top_logprobs` keys name it (`token_key`)."""
 
 
 class ContextError(ValueError):
@@ -111,32 +157,6 @@ def fit_context(gen: Generator, messages: Messages, max_new_tokens: int | None, 
     return n, max_new_tokens or min(default, room)
 
 
-class _RWLock:
-    """Many tuned-model generations may run at once; switching the adapter off (base mode) needs the model alone."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    def acquire(self, exclusive: bool) -> None:
-        with self._cond:
-            if exclusive:
-                self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-                self._writer = True
-            else:
-                self._cond.wait_for(lambda: not self._writer)
-                self._readers += 1
-
-    def release(self, exclusive: bool) -> None:
-        with self._cond:
-            if exclusive:
-                self._writer = False
-            else:
-                self._readers -= 1
-            self._cond.notify_all()
-
-
 class _Watch(StoppingCriteria):
     """Per-row stop: cancel event, stop strings in the decoded new text, and streaming hand-off of new tokens."""
 
@@ -146,8 +166,12 @@ class _Watch(StoppingCriteria):
         self.hit_stop: set[int] = set()
         self.cancelled = False
         self._tail = max((len(s) for s in self.stop), default=0) + 16
+        self.share: CpuShare | None = None
+        """The CPU threads of this call, resized at every token to the number of calls running beside it."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw: Any) -> torch.BoolTensor:
+        if self.share is not None:
+            self.share.update()
         new = input_ids[:, self.prompt_len:]
         if self.on_tokens is not None:
             self.on_tokens(new[0])
@@ -178,14 +202,20 @@ class Generator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
-        self._lock = _RWLock()
-        self.has_adapter = hasattr(self.model, "disable_adapter")
+        self._adapter = AdapterSwitch(self.model)
+        self.has_adapter = self._adapter.has_adapter
         self._json_vocab: Any = None  # lm-format-enforcer's view of the vocabulary, built on first json_schema use
         self._json_vocab_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the run was trained with (`data.system_prompt` of its config): front ends pre-fill it,
+        because a tuned model answers worse without the prompt it learned under."""
+        return (self.loaded.config.get("data") or {}).get("system_prompt") or None
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
@@ -203,23 +233,30 @@ class Generator:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        texts = [self.render(p) for p in prompts]
-        self.tokenizer.padding_side = "left"  # left padding keeps every row's last prompt token adjacent to its answer
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        """Left-padded ids and mask (left padding keeps every row's last prompt token next to its answer).
+
+        Padded here, not by the tokenizer: asking a fast tokenizer to pad reconfigures its Rust object, and that
+        raced with other threads' encoding ("Already borrowed") when requests came together."""
+        rows = [self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = torch.tensor(r)
+                mask[i, width - len(r):] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def _gen_kwargs(self, p: GenerationParams) -> dict[str, Any]:
-        kw: dict[str, Any] = {
+        # always greedy inside `generate`: sampling is RowSampler's, the last logits processor (see `_run`)
+        return {
             "max_new_tokens": p.max_new_tokens,
             "repetition_penalty": p.repetition_penalty,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self._eos_ids(),
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
         }
-        if p.temperature > 0:
-            kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
 
     def _json_constraint(self, schema: dict) -> Any:
         """`prefix_allowed_tokens_fn` for model.generate: at each step, only tokens that keep the answer a valid
@@ -277,16 +314,14 @@ class Generator:
             p = replace(p, max_new_tokens=min(p.max_new_tokens, limit - longest))
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
         constraint = {"prefix_allowed_tokens_fn": self._json_constraint(p.json_schema)} if p.json_schema else {}
-        base_mode = not p.use_adapter and self.has_adapter
-        self._lock.acquire(exclusive=base_mode)
-        try:
-            if p.seed is not None:
-                torch.manual_seed(p.seed)
-            with torch.inference_mode(), (self.model.disable_adapter() if base_mode else contextlib.nullcontext()):
-                out = self.model.generate(**enc, **self._gen_kwargs(p), **constraint,
-                                          stopping_criteria=StoppingCriteriaList([watch]))
-        finally:
-            self._lock.release(exclusive=base_mode)
+        extra = generate_kwargs(p, plen)
+        if p.temperature > 0:
+            processors = extra.setdefault("logits_processor", LogitsProcessorList())
+            processors.append(RowSampler(len(prompts), p.temperature, p.top_p, p.top_k, p.seed, self.device))
+        with self._adapter.use(p.use_adapter), cpu_share() as watch.share, torch.inference_mode():
+            out = self.model.generate(**enc, **self._gen_kwargs(p), **constraint, **extra,
+                                      stopping_criteria=StoppingCriteriaList([watch]))
+        out, raw_logits = (out.sequences, out.logits) if p.logprobs else (out, None)
         results = []
         eos = set(self._eos_ids())
         for i in range(out.shape[0]):
@@ -304,7 +339,9 @@ class Generator:
                 reason = "stop"
             else:
                 reason = "length"
-            results.append(Completion(text, n_prompt, len(new), reason))
+            lps = None if raw_logits is None else completion_logprobs(self.tokenizer, raw_logits, i, new, text,
+                                                                      p.top_logprobs)
+            results.append(Completion(text, n_prompt, len(new), reason, lps))
         return results
 
     def generate(self, prompt: Prompt, params: GenerationParams | None = None,
@@ -328,13 +365,56 @@ class Generator:
         Picking the argmax always yields one of the candidates, which is what a small model needs for labels: it
         may put the right label first and still ramble when generating freely. Each prompt runs once; its KV cache
         is shared by all candidates."""
-        base_mode = not use_adapter and self.has_adapter
-        self._lock.acquire(exclusive=base_mode)
-        try:
-            with torch.inference_mode(), (self.model.disable_adapter() if base_mode else contextlib.nullcontext()):
-                return score_candidates(self.model, self.tokenizer, prompts, candidates, max_rows=max_rows).tolist()
-        finally:
-            self._lock.release(exclusive=base_mode)
+        with self._adapter.use(use_adapter), cpu_share(), torch.inference_mode():
+            return score_candidates(self.model, self.tokenizer, prompts, candidates, max_rows=max_rows).tolist()
+
+    def prompt_logprobs(self, text: str | Sequence[int], top_n: int = 0, use_adapter: bool = True) -> TokenLogprobs:
+        """Logprob of every token of `text` (raw text, no chat template, or token ids) from one forward pass, plus
+        the greedy next token: echoed prompts of the completions API, and log-likelihood scoring (lm-eval) without
+        generating at all."""
+        if isinstance(text, str):
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, tokens, offsets = list(enc["input_ids"]), [], []
+            at = 0
+            for _, end in enc["offset_mapping"]:  # bytes of one character share its span: the first token takes it
+                offsets.append(at)
+                tokens.append(text[at:max(at, end)])
+                at = max(at, end)
+            if tokens:
+                tokens[-1] += text[at:]
+        else:
+            ids = [int(i) for i in text]
+            tokens = [self.tokenizer.decode([i]) for i in ids]
+            offsets = [0, *itertools.accumulate(len(t) for t in tokens)][:-1]
+        if not ids:
+            raise ValueError("the text is empty: there is no token to score")
+        limit = context_length(self)
+        if limit is not None and len(ids) > limit:
+            raise ContextError(f"The text is {len(ids)} tokens but {self.name} reads at most {limit}. Shorten it.",
+                               "prompt")
+        with self._adapter.use(use_adapter), cpu_share(), torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0]
+        target = torch.tensor(ids[1:] + [0], device=logits.device)
+        picked, tops, best = [], [], []
+        for s in range(0, len(ids), 512):  # log_softmax over the vocabulary in slices: (tokens, vocab) floats add up
+            lp = torch.log_softmax(logits[s: s + 512].float(), -1)
+            picked += lp.gather(-1, target[s: s + 512, None])[:, 0].tolist()
+            if top_n:
+                v, i = lp.topk(min(top_n, lp.shape[-1]), -1)
+                tops += [self._top(row_i, row_v) for row_i, row_v in zip(i.tolist(), v.tolist())]
+            if s + 512 >= len(ids):
+                v, i = lp[-1].max(-1)
+                best = [int(i), float(v)]
+        top = [None] + (tops[:-1] if top_n else [{} for _ in ids[1:]])
+        return TokenLogprobs(ids, tokens, offsets, [None] + picked[:-1], top, best[0], best[1],
+                             tops[-1] if top_n else {}, best[0] in self._eos_ids(),
+                             token_key(*_token_text(self.tokenizer, best[0])))
+
+    def _top(self, ids: list[int], logprobs: list[float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, v in zip(ids, logprobs):
+            out.setdefault(token_key(*_token_text(self.tokenizer, i)), v)  # two ids may read the same: the likelier
+        return out
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -364,8 +444,9 @@ class Generator:
                 if kind == "done":
                     final: Completion = val
                     if len(final.text) > sent:
-                        yield Chunk(final.text[sent:])
-                    yield Chunk("", done=True, completion=final)
+                        yield Chunk(final.text[sent:], logprobs=final.logprobs)
+                    yield Chunk("", done=True, completion=final,
+                                logprobs=final.logprobs if len(final.text) <= sent else None)
                     return
                 text = self.tokenizer.decode(val, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the next token
@@ -384,91 +465,6 @@ class Generator:
 def load_generator(source: str | Path, **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id."""
     return Generator(load_run(source, **kw))
-
-
-def candidate_ids(tokenizer: Any, prompt: Prompt, candidates: Sequence[str]) -> tuple[list[int], list[list[int]],
-                                                                                   list[list[bool]]]:
-    """(shared prompt ids, per candidate: continuation ids, which of them are scored).
-
-    A chat prompt is tokenized with each candidate as the assistant reply by the same function training uses, so
-    the scored tokens are exactly the trained ones (reply + end-of-turn). The shared prefix is what all candidates'
-    token sequences have in common before their first scored token; a token straddling the boundary is fed but
-    not scored. A plain-text prompt scores the candidate text plus EOS."""
-    from .data import tokenize_messages
-
-    seqs: list[tuple[list[int], list[bool]]] = []
-    for cand in candidates:
-        if isinstance(prompt, str):
-            text = prompt + cand + (tokenizer.eos_token or "")
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            seqs.append((list(enc["input_ids"]), [e > len(prompt) for _, e in enc["offset_mapping"]]))
-        else:
-            if not tokenizer.chat_template:
-                raise ValueError("the tokenizer has no chat template; pass plain string prompts to score labels")
-            msgs = list(prompt) + [{"role": "assistant", "content": cand}]
-            ids, train = tokenize_messages(msgs, tokenizer, tokenizer.chat_template, train_on_prompt=False)
-            # only the candidate (the last reply) is scored; few-shot example replies in the prompt are context
-            start = len(train)
-            while start > 0 and not train[start - 1]:
-                start -= 1
-            while start > 0 and train[start - 1]:
-                start -= 1
-            seqs.append((ids, [t and j >= start for j, t in enumerate(train)]))
-    firsts = [tr.index(True) if True in tr else len(tr) for _, tr in seqs]
-    n = min(firsts)
-    while n > 0 and any(ids[:n] != seqs[0][0][:n] for ids, _ in seqs):
-        n -= 1
-    if n == 0:
-        raise ValueError("cannot score candidates: they share no prompt tokens (an empty prompt?)")
-    return seqs[0][0][:n], [ids[n:] for ids, _ in seqs], [tr[n:] for _, tr in seqs]
-
-
-def score_candidates(model: Any, tokenizer: Any, prompts: Sequence[Prompt], candidates: Sequence[str],
-                     max_rows: int = 64) -> torch.Tensor:
-    """(len(prompts), len(candidates)) summed log-probs; see `Generator.score`. Also used by the trainer's eval.
-
-    Prompts are left-padded and run once per batch; their KV cache is repeated for the candidates, which run
-    right-padded with explicit positions (so padding never shifts a position)."""
-    k = len(candidates)
-    if k == 0:
-        raise ValueError("no candidates to score")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = torch.empty(len(prompts), k, dtype=torch.float64)
-    per = max(1, max_rows // k)
-    for start in range(0, len(prompts), per):
-        chunk = [candidate_ids(tokenizer, p, candidates) for p in prompts[start: start + per]]
-        r = len(chunk)
-        plen = max(len(c[0]) for c in chunk)
-        p_ids = torch.full((r, plen), pad, dtype=torch.long)
-        p_mask = torch.zeros((r, plen), dtype=torch.long)
-        for i, (ids, _, _) in enumerate(chunk):
-            p_ids[i, plen - len(ids):] = torch.tensor(ids)
-            p_mask[i, plen - len(ids):] = 1
-        p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
-        res = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device), position_ids=p_pos.to(device),
-                    use_cache=True)
-        last = torch.log_softmax(res.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (r*k, V)
-        cache = res.cache if hasattr(res, "cache") else res.past_key_values  # renamed in transformers 5.x
-        cache.batch_repeat_interleave(k)
-        clen = max(len(c) for _, conts, _ in chunk for c in conts)
-        c_ids = torch.full((r * k, clen), pad, dtype=torch.long)
-        c_mask = torch.zeros((r * k, clen), dtype=torch.long)
-        scored = torch.zeros((r * k, clen), dtype=torch.bool)
-        for i, (_, conts, marks) in enumerate(chunk):
-            for j, (ids, mk) in enumerate(zip(conts, marks)):
-                c_ids[i * k + j, : len(ids)] = torch.tensor(ids)
-                c_mask[i * k + j, : len(ids)] = 1
-                scored[i * k + j, : len(mk)] = torch.tensor(mk)
-        c_pos = p_mask.sum(1).repeat_interleave(k)[:, None] + torch.arange(clen)[None]
-        mask = torch.cat([p_mask.repeat_interleave(k, 0), c_mask], 1)
-        logits = model(input_ids=c_ids.to(device), attention_mask=mask.to(device), position_ids=c_pos.to(device),
-                       use_cache=True, **{_cache_kw(model): cache}).logits.float()
-        # token t of the continuation is predicted by the prompt's last position (t = 0) or continuation t - 1
-        logp = torch.cat([last[:, None], torch.log_softmax(logits[:, :-1], -1)], 1)
-        tok_lp = logp.gather(-1, c_ids.to(device)[..., None])[..., 0].cpu().double()
-        out[start: start + r] = (tok_lp * scored).sum(1).view(r, k)
-    return out
 
 
 def _token_strings(tokenizer: Any, vocab_size: int) -> list[tuple[int, str, bool]]:
@@ -491,11 +487,3 @@ def _token_strings(tokenizer: Any, vocab_size: int) -> list[tuple[int, str, bool
         if text and "\ufffd" not in text and all(c >= " " and c != "\x7f" or c in "\n\r" for c in text):
             out.append((i, text, len(text) > len(b)))
     return out
-
-
-def _cache_kw(model: Any) -> str:
-    """`cache` in transformers >= 5.2x, `past_key_values` before (and deprecated after)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"

@@ -1,112 +1,225 @@
 """The Gradio web app: chat with a tuned model, compare it with another run or its base side by side, and ask
-questions over uploaded documents. No model code lives here: models come from the pool (`ui/pool.py`), text from
-`Generator.stream`, document answers from `chains/` (through `ui/documents.py`).
+questions over uploaded documents (`ui/documents_tab.py`). No model code lives here: models come from the pool
+(`ui/pool.py`), text from `Generator.stream`, document answers from `chains/` (through `ui/documents.py`).
 
-Every session's state travels with its own events (chat histories are inputs and outputs, never globals), so
-two users never see each other's messages. The one piece of server-side state per session is the cancel event
-of its generation in flight, keyed by Gradio's session hash, so Stop stops that session's model and no other.
+Every session's chat travels with its own events (histories are inputs and outputs, never globals), so two users
+never see each other's messages. The one piece of server-side state per session is its turn in flight
+(`Turns`), so a second Send while a reply streams is refused instead of lost, and Stop reaches the running reply.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 from tunesmith.finetune.generate import Completion, GenerationParams
 from tunesmith.finetune.model import ModelLoadError
 
-from .documents import (
-    ALLOWED_SUFFIXES,
-    MAX_FILE_BYTES,
-    DocAnswer,
-    ask_documents,
-    list_documents,
-    new_session_folder,
-    remove_session_folder,
-    store_uploads,
-)
-from .pool import ModelPool, fit_context
+from .documents import MAX_FILE_BYTES, DocAnswer, ask_documents
+from .pool import ModelPool, UnknownModelError, fit_context
 from .streaming import merge_streams
+
+log = logging.getLogger("tunesmith.ui")
 
 NONE = "(none)"
 """The comparison dropdown's 'no second model' entry."""
 GENERATE = "generate"
 """Concurrency group of everything that runs a model: the UI's chat, the `chat` API and document answers."""
+DEFAULTS = GenerationParams()
+"""The one set of sampling defaults (GenerationParams' fields): the sliders and the `chat` API start from it."""
+SAVED_KEY = "tunesmith-chat"
+"""Browser storage key of the chat panes, so a reload keeps the conversation."""
 
 Messages = list[dict[str, Any]]
 
 CSS = """
 #chat-a, #chat-b {min-height: 420px}
-#status {font-size: 0.85em; opacity: 0.8}
+#status, #doc-status {font-size: 0.85em; opacity: 0.8}
 footer {display: none !important}
+/* the chat's edit box is as wide as a message may be and grows with its text, instead of clipping it */
+#chat-a .edit-textarea, #chat-b .edit-textarea {width: min(40rem, 75vw) !important; field-sizing: content;
+  min-height: 4em; max-height: 60vh; overflow-y: auto}
+/* narrow screens: the two panes stack instead of squeezing side by side */
+@media (max-width: 900px) {
+  #chat-row {flex-direction: column !important}
+  #chat-row > * {width: 100% !important; min-width: 100% !important}
+}
 """
+
+
+@dataclass
+class _Turn:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    armed_at: float = field(default_factory=time.monotonic)
+    claimed: bool = False
+    cleared: bool = False
+
+
+class Turns:
+    """At most one reply in flight per browser session, from Send until its generation step ends.
+
+    `arm` (the fast step that shows the message) takes the session's one slot or refuses; the generation step
+    `claim`s it, so a chain whose Send was refused runs nothing, and `release`s it when done. Stop sets the
+    armed turn's cancel event, so it reaches the running reply whatever else the user clicked meanwhile. A turn
+    armed but never claimed (the queue turned the generation step away) is given up after `stale_s` seconds.
+    """
+
+    def __init__(self, stale_s: float = 600.0) -> None:
+        self._lock = threading.Lock()
+        self._turns: dict[str, _Turn] = {}
+        self.stale_s = stale_s
+
+    def arm(self, session: str) -> bool:
+        with self._lock:
+            old = self._turns.get(session)
+            if old is not None and (old.claimed or time.monotonic() - old.armed_at < self.stale_s):
+                return False
+            self._turns[session] = _Turn()
+            return True
+
+    def claim(self, session: str) -> _Turn | None:
+        with self._lock:
+            turn = self._turns.get(session)
+            if turn is None or turn.claimed:
+                return None
+            turn.claimed = True
+            return turn
+
+    def release(self, session: str, turn: _Turn) -> None:
+        turn.cancel.set()  # an error or a closed page: stop whatever still runs
+        with self._lock:
+            if self._turns.get(session) is turn:
+                del self._turns[session]
+
+    def busy(self, session: str) -> bool:
+        with self._lock:
+            return session in self._turns
+
+    def stop(self, session: str, clear: bool = False) -> bool:
+        with self._lock:
+            turn = self._turns.get(session)
+        if turn is None:
+            return False
+        turn.cleared = turn.cleared or clear
+        turn.cancel.set()
+        return True
+
+
+def user_error(message: str) -> gr.Error:
+    """A mistake an API caller can fix: sent back to them, logged as one line (a traceback would bury the log)."""
+    log.warning("chat API: %s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def build_app(pool: ModelPool, concurrency: int = 4,
               ask: Callable[..., DocAnswer] = ask_documents) -> gr.Blocks:
     """The app; launch it with `launch(app, ...)`. `ask` answers over a document folder (the `chains/` RAG)."""
-    cancels: dict[str, threading.Event] = {}
+    from .documents_tab import documents_tab
+
+    turns = Turns()
 
     def choices(with_none: bool = False) -> list[str]:
         return ([NONE] if with_none else []) + pool.names()
 
+    def refuse() -> None:
+        """A toast, not an exception: an error would stop the chain before its last step re-enables Send."""
+        gr.Warning("A reply is still being written: wait for it or press Stop. Your message stays in the box.")
+
     # -- event handlers (closures over the pool; all per-session data comes in as arguments) ------------------
-    def start(message: str, a: Messages, b: Messages, model_b: str, request: gr.Request) -> tuple[str, Messages, Messages]:
-        """Fast step before generation: show the user's message at once and arm a fresh Stop for this session."""
-        cancels[request.session_hash] = threading.Event()
+    def start(message: str, a: Messages, b: Messages, model_b: str, request: gr.Request) -> tuple[Any, ...]:
+        """Fast step before generation: take the session's turn, show the user's message at once."""
+        if not turns.arm(request.session_hash):
+            refuse()  # the text stays in the box, the running reply runs on; this chain's respond finds no turn
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if not message.strip():
-            return message, a, b
+            return message, a, b, gr.skip()
         b = _sync_compare(a, b, model_b)
         a = [*a, {"role": "user", "content": message}]
         if model_b != NONE:
             b = [*b, {"role": "user", "content": message}]
-        return "", a, b
+        return "", a, b, gr.Button(interactive=False)
 
     def respond(a: Messages, b: Messages, model_a: str, model_b: str, system: str, temperature: float,
-                top_p: float, max_new_tokens: float, repetition_penalty: float,
-                request: gr.Request) -> Iterator[tuple[Messages, Messages, str]]:
-        """Stream the reply of one model, or of two side by side, into the chat panes."""
-        cancel = cancels.setdefault(request.session_hash, threading.Event())
-        panes = [(a, model_a)] + ([(b, model_b)] if model_b != NONE else [])
-        if cancel.is_set() or not a or a[-1]["role"] != "user":
-            yield a, b, "stopped before it started" if cancel.is_set() else ""
+                top_p: float, top_k: float, max_new_tokens: float, repetition_penalty: float,
+                request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """The generation step: claim the session's turn, stream the reply, release the turn however it ends."""
+        turn = turns.claim(request.session_hash)
+        if turn is None:  # this chain's Send was refused: the session's running reply owns the turn
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        params = _params(temperature, top_p, max_new_tokens, repetition_penalty)
-        streams, names = [], []
-        for hist, name in panes:
-            try:
+        try:
+            params = _params(temperature, top_p, top_k, max_new_tokens, repetition_penalty)
+            yield from reply(turn, a, b, model_a, model_b, system, params)
+        except Exception as e:  # not the user's doing: the traceback goes to the log, the chain still ends cleanly
+            log.exception("chat: generation failed")
+            gr.Warning(f"Generation failed ({type(e).__name__}: {e}). The log has the details.")
+            yield gr.skip(), gr.skip(), f"generation failed: {type(e).__name__}", gr.skip()
+        finally:
+            turns.release(request.session_hash, turn)
+
+    def reply(turn: _Turn, a: Messages, b: Messages, model_a: str, model_b: str, system: str,
+              params: GenerationParams) -> Iterator[tuple[Any, ...]]:
+        """Stream the reply of one model, or of two side by side, into the chat panes."""
+        if not a or a[-1]["role"] != "user":  # an empty Send: nothing to answer
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        if turn.cancel.is_set():  # Stop or Clear while the reply waited for a free slot
+            yield ([], [], "", gr.skip()) if turn.cleared else (a, b, "stopped before it started", gr.skip())
+            return
+        compare = model_b != NONE
+        panes = [(a, model_a)] + ([(b, model_b)] if compare else [])
+        try:  # check every pane before streaming any, so a refusal leaves no half-started turn behind
+            ready = []
+            for hist, name in panes:
                 gen, choice = pool.get(name)
                 fit_context(gen, _for_model(system, hist), params.max_new_tokens, params.max_new_tokens)
-            except (ModelLoadError, ValueError) as e:  # ValueError: over the context, said so (never cut)
-                raise gr.Error(str(e)) from e
-            streams.append(gen.stream(_for_model(system, hist), choice.params(params), cancel=cancel))
+                ready.append((hist, gen, choice))
+        except (ModelLoadError, ValueError) as e:  # ValueError: over the context, said so (never cut)
+            # take the failed turn back out of the history and give the text back, so the next message works
+            message = _pool_message(e)
+            log.warning("chat: %s", message)
+            gr.Warning(message)
+            yield a[:-1], (b[:-1] if compare and b and b[-1]["role"] == "user" else b), message, _text(a[-1])
+            return
+        streams, names = [], []
+        for hist, gen, choice in ready:
+            streams.append(gen.stream(_for_model(system, hist), choice.params(params), cancel=turn.cancel))
             names.append(choice.name)
-            hist.append({"role": "assistant", "content": ""})
-        t0 = shown = time.monotonic()
+            hist.append({"role": "assistant", "content": "", "metadata": {"title": choice.name}})
+        shown = time.monotonic()
+        first: list[float | None] = [None] * len(panes)
         done: list[Completion | None] = [None] * len(panes)
         took = [0.0] * len(panes)
-        try:
-            for i, chunk in merge_streams(streams):
-                hist = panes[i][0]
-                hist[-1] = {"role": "assistant", "content": _text(hist[-1]) + chunk.text}
-                if chunk.done:
-                    done[i], took[i] = chunk.completion, time.monotonic() - t0
-                # every update re-sends and re-renders the whole chat: ~20 a second look smooth and cost little
-                if chunk.done or time.monotonic() - shown >= 0.05:
-                    shown = time.monotonic()
-                    yield a, b, _status(names, done, took)
-        finally:
-            cancel.set()  # an error or a closed page: stop whatever still runs
-            if cancels.get(request.session_hash) is cancel:
-                cancels.pop(request.session_hash, None)
+        for i, chunk in merge_streams(streams):
+            hist = panes[i][0]
+            hist[-1] = {**hist[-1], "content": _text(hist[-1]) + chunk.text}
+            now = time.monotonic()
+            if first[i] is None and (chunk.text or chunk.done):
+                first[i] = now  # generation time counts from here: waiting for the model is not its speed
+            if chunk.done:
+                done[i], took[i] = chunk.completion, now - (first[i] or now)
+            # every update re-sends and re-renders the whole chat: ~20 a second look smooth and cost little
+            if not turn.cleared and (chunk.done or now - shown >= 0.05):
+                shown = now
+                yield a, b, _status(names, done, took), gr.skip()
+        if turn.cleared:  # Clear was pressed mid-reply: the last word is an empty chat
+            yield [], [], "", gr.skip()
+
+    def finish(a: Messages, b: Messages, request: gr.Request) -> tuple[Any, Any]:
+        """The chain's last step: Send works again (unless a newer turn runs), the chat is saved in the browser."""
+        return gr.Button(interactive=not turns.busy(request.session_hash)), {"a": _plain(a), "b": _plain(b)}
 
     def stop(request: gr.Request) -> None:
-        ev = cancels.get(request.session_hash)
-        if ev is not None:
-            ev.set()
+        turns.stop(request.session_hash)
+
+    def clear(request: gr.Request) -> tuple[Messages, Messages, str, dict[str, Messages]]:
+        turns.stop(request.session_hash, clear=True)
+        return [], [], "", {"a": [], "b": []}
 
     def truncate(a: Messages, b: Messages, index: int, keep_user: bool) -> tuple[Messages, Messages, str]:
         """Cut both panes at the user message `index` (or the one before it); return its text too."""
@@ -118,148 +231,176 @@ def build_app(pool: ModelPool, concurrency: int = 4,
         return a[:cut], (b[:cut] if len(b) > i else b), text
 
     def retry(data: gr.RetryData, a: Messages, b: Messages, request: gr.Request) -> tuple[Messages, Messages]:
-        cancels[request.session_hash] = threading.Event()
+        if not turns.arm(request.session_hash):
+            refuse()
+            return gr.skip(), gr.skip()
         a, b, _ = truncate(a, b, _index(data.index), keep_user=True)
         return a, b
 
-    def undo(data: gr.UndoData, a: Messages, b: Messages) -> tuple[Messages, Messages, str]:
-        return truncate(a, b, _index(data.index), keep_user=False)
+    def undo(data: gr.UndoData, a: Messages, b: Messages, request: gr.Request) -> tuple[Any, ...]:
+        if turns.busy(request.session_hash):
+            refuse()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        a, b, text = truncate(a, b, _index(data.index), keep_user=False)
+        return a, b, text, {"a": _plain(a), "b": _plain(b)}
 
     def edit(data: gr.EditData, a: Messages, b: Messages, request: gr.Request) -> tuple[Messages, Messages]:
-        cancels[request.session_hash] = threading.Event()
+        if not turns.arm(request.session_hash):
+            refuse()
+            return gr.skip(), gr.skip()
         a, b, _ = truncate(a, b, _index(data.index), keep_user=False)
         new = {"role": "user", "content": str(data.value)}
         return [*a, new], ([*b, new] if len(b) == len(a) else b)
 
     def chat_api(message: str, model: str | None = None, system: str = "", history: list[dict[str, str]] | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
-                 repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[str]:
+                 max_new_tokens: int = DEFAULTS.max_new_tokens, temperature: float = DEFAULTS.temperature,
+                 top_p: float = DEFAULTS.top_p, repetition_penalty: float = DEFAULTS.repetition_penalty,
+                 seed: int | None = None) -> Iterator[str]:
         """One streamed reply (the text so far, growing) to `message` after `history`, for `gradio_client`.
 
         `model` None means the default one: a default named here would be shown on the login page to anyone."""
         msgs = _for_model(system, [*(history or []), {"role": "user", "content": message}])
         try:
             gen, choice = pool.get(model)
-            params = _params(temperature, top_p, max_new_tokens, repetition_penalty, seed)
+            params = _params(temperature, top_p, DEFAULTS.top_k, max_new_tokens, repetition_penalty, seed)
             fit_context(gen, msgs, params.max_new_tokens, params.max_new_tokens)
         except (ModelLoadError, ValueError) as e:
-            raise gr.Error(str(e)) from e
+            raise user_error(str(e)) from e
         text = ""
         for chunk in gen.stream(msgs, choice.params(params)):
             text += chunk.text
             yield text
 
-    def upload(files: list[str] | None, folder: str | None) -> tuple[str, str, None]:
-        folder = folder or new_session_folder()
-        report = store_uploads(list(files or []), folder)
-        docs = list_documents(folder)
-        summary = "\n".join(f"- {line}" for line in report)
-        summary += f"\n\n**{len(docs)} document(s) in this session:** {', '.join(docs) or 'none'}"
-        return folder, summary, None
-
-    def ask_docs(question: str, hist: Messages, folder: str | None, model: str, temperature: float, top_p: float,
-                 max_new_tokens: float, repetition_penalty: float) -> tuple[str, Messages, str]:
-        if not question.strip():
-            return question, hist, ""
-        if not list_documents(folder):
-            raise gr.Error("Upload at least one text document first (the file box above).")
+    def trained_prompt(name: str) -> Any:
+        """The picked run's trained system prompt (empty when it has none), loading the run if needed."""
         try:
-            gen, choice = pool.get(model)
-            params = choice.params(_params(temperature, top_p, max_new_tokens, repetition_penalty))
-            res = ask(gen, folder, question, params)
-        except (ModelLoadError, RuntimeError, ValueError) as e:
-            raise gr.Error(str(e)) from e
-        hist = [*hist, {"role": "user", "content": question}, {"role": "assistant", "content": res.answer}]
-        sources = "\n".join(f"{i}. {s}" for i, s in enumerate(res.sources, 1)) or "no sources returned"
-        return "", hist, f"**Sources**\n\n{sources}"
+            gen, _ = pool.get(name)
+        except ModelLoadError as e:
+            gr.Warning(_pool_message(e))
+            log.warning("model switch: %s", e)
+            return gr.skip()
+        return gen.system_prompt or ""
 
-    def refresh() -> tuple[Any, Any, Any]:
-        return (gr.Dropdown(choices=choices()), gr.Dropdown(choices=choices(True)), gr.Dropdown(choices=choices()))
+    def restore(saved: dict[str, Messages] | None, name: str) -> tuple[Any, Any, Any]:
+        """Page load: the chat this browser had before a reload, and the run's trained system prompt."""
+        saved = saved if isinstance(saved, dict) else {}
+        return _plain(saved.get("a")), _plain(saved.get("b")), trained_prompt(name)
+
+    def refresh(a: str, b: str, d: str) -> tuple[Any, ...]:
+        """New runs show up; a picked run that vanished from disk falls back to the default, and we say so."""
+        names, notes = choices(), []
+
+        def keep(value: str, fallback: str) -> str:
+            if value in names or value == NONE:
+                return value
+            notes.append(f"{value} is no longer in {pool.runs_dir} (deleted?): switched to {fallback}.")
+            return fallback
+
+        va, vb, vd = keep(a, pool.default), keep(b, NONE), keep(d, pool.default)
+        if notes:
+            gr.Warning(" ".join(dict.fromkeys(notes)))
+        status = " ".join(dict.fromkeys(notes)) or f"{len(names)} models to pick from."
+        return (gr.Dropdown(choices=names, value=va), gr.Dropdown(choices=[NONE, *names], value=vb),
+                gr.Dropdown(choices=names, value=vd), status)
 
     # -- layout --------------------------------------------------------------------------------------------
     with gr.Blocks(title="tunesmith") as app:
+        saved = gr.BrowserState({"a": [], "b": []}, storage_key=SAVED_KEY)
         gr.Markdown("### tunesmith: chat with your fine-tuned model")
         with gr.Tab("Chat"):
             with gr.Row(equal_height=True):
                 model_a = gr.Dropdown(choices(), value=pool.default, label="Model", elem_id="model-a", scale=3)
                 model_b = gr.Dropdown(choices(True), value=NONE, label="Compare with (same prompt, side by side)",
                                       elem_id="model-b", scale=3)
-                refresh_btn = gr.Button("Refresh runs", size="sm", scale=1)
-            with gr.Row():
-                chat_a = gr.Chatbot(label=pool.default, elem_id="chat-a", editable="user", height=460,
+                refresh_btn = gr.Button("Refresh runs", size="sm", scale=1, elem_id="refresh")
+            with gr.Row(elem_id="chat-row"):
+                # each reply carries the model that wrote it (its title), so switching models never relabels history
+                chat_a = gr.Chatbot(label="Chat", elem_id="chat-a", editable="user", height=460,
                                     buttons=["copy", "copy_all"], feedback_options=None)
-                chat_b = gr.Chatbot(label="comparison", elem_id="chat-b", editable="user", height=460,
+                chat_b = gr.Chatbot(label="Comparison", elem_id="chat-b", editable="user", height=460,
                                     buttons=["copy", "copy_all"], feedback_options=None, visible=False)
             with gr.Row():
                 msg = gr.Textbox(placeholder="Message (Enter sends, Shift+Enter for a new line)", show_label=False,
                                  lines=1, max_lines=8, scale=8, elem_id="msg", autofocus=True)
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-                clear = gr.Button("Clear", scale=1)
+                clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
             status = gr.Markdown(elem_id="status")
             with gr.Accordion("System prompt and sampling", open=False, elem_id="settings"):
-                system = gr.Textbox(label="System prompt", placeholder="e.g. You are a concise assistant.", lines=2)
-                with gr.Row():
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
-                                              elem_id="temperature")
-                    top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
-                    max_new = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens", elem_id="max-new")
-                    rep = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
-        with gr.Tab("Documents"):
-            folder = gr.State(None, delete_callback=remove_session_folder)
-            gr.Markdown(f"Upload text files ({', '.join(ALLOWED_SUFFIXES)}; up to {MAX_FILE_BYTES // 2**20} MB each). "
-                        "They are indexed for this session only, read as text, and never executed.")
-            files = gr.File(file_count="multiple", file_types=list(ALLOWED_SUFFIXES), label="Documents",
-                            elem_id="doc-files")
-            upload_report = gr.Markdown()
-            doc_model = gr.Dropdown(choices(), value=pool.default, label="Model", elem_id="doc-model")
-            doc_chat = gr.Chatbot(label="Answers from your documents", elem_id="doc-chat", height=360,
-                                  feedback_options=None)
-            with gr.Row():
-                doc_msg = gr.Textbox(placeholder="Ask about the documents", show_label=False, scale=8,
-                                     elem_id="doc-msg")
-                doc_send = gr.Button("Ask", variant="primary", scale=1)
-            sources = gr.Markdown(elem_id="doc-sources")
+                system = gr.Textbox(label="System prompt (pre-filled with the run's trained one)", lines=2,
+                                    placeholder="e.g. You are a concise assistant.", elem_id="system")
+                sampling = sampling_sliders("")
+        doc_model = documents_tab(pool, ask, choices, concurrency)
 
         # -- wiring --------------------------------------------------------------------------------------------
-        gen_inputs = [chat_a, chat_b, model_a, model_b, system, temperature, top_p, max_new, rep]
+        gen_inputs = [chat_a, chat_b, model_a, model_b, system, *sampling]
+        gen_outputs = [chat_a, chat_b, status, msg]
         gen_kw: dict[str, Any] = dict(concurrency_limit=concurrency, concurrency_id=GENERATE,
                                       show_progress="hidden", api_visibility="private")
         fast: dict[str, Any] = dict(concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        done_kw: dict[str, Any] = dict(fn=finish, inputs=[chat_a, chat_b], outputs=[send, saved], **fast)
         for trigger in (msg.submit, send.click):
-            trigger(start, [msg, chat_a, chat_b, model_b], [msg, chat_a, chat_b], **fast).then(
-                respond, gen_inputs, [chat_a, chat_b, status], **gen_kw)
+            trigger(start, [msg, chat_a, chat_b, model_b], [msg, chat_a, chat_b, send], **fast).then(
+                respond, gen_inputs, gen_outputs, **gen_kw).then(**done_kw)
         stop_btn.click(stop, None, None, queue=False, api_visibility="private")
-        clear.click(lambda: ([], [], ""), None, [chat_a, chat_b, status], **fast)
+        clear_btn.click(clear, None, [chat_a, chat_b, status, saved], queue=False, api_visibility="private")
         for pane in (chat_a, chat_b):
             pane.retry(retry, [chat_a, chat_b], [chat_a, chat_b], **fast).then(
-                respond, gen_inputs, [chat_a, chat_b, status], **gen_kw)
-            pane.undo(undo, [chat_a, chat_b], [chat_a, chat_b, msg], **fast)
+                respond, gen_inputs, gen_outputs, **gen_kw).then(**done_kw)
+            pane.undo(undo, [chat_a, chat_b], [chat_a, chat_b, msg, saved], **fast)
             pane.edit(edit, [chat_a, chat_b], [chat_a, chat_b], **fast).then(
-                respond, gen_inputs, [chat_a, chat_b, status], **gen_kw)
-        model_a.change(lambda m: gr.Chatbot(label=m), model_a, chat_a, **fast)
-        model_b.change(lambda m: gr.Chatbot(label=m, visible=m != NONE), model_b, chat_b, **fast)
-        refresh_btn.click(refresh, None, [model_a, model_b, doc_model], **fast)
-        files.upload(upload, [files, folder], [folder, upload_report, files], **fast)
-        for trigger in (doc_msg.submit, doc_send.click):
-            trigger(ask_docs, [doc_msg, doc_chat, folder, doc_model, temperature, top_p, max_new, rep],
-                    [doc_msg, doc_chat, sources], concurrency_limit=concurrency, concurrency_id=GENERATE,
-                    api_visibility="private")
+                respond, gen_inputs, gen_outputs, **gen_kw).then(**done_kw)
+        model_a.change(trained_prompt, model_a, system, **fast)
+        model_b.change(lambda m: gr.Chatbot(visible=m != NONE), model_b, chat_b, **fast)
+        app.load(restore, [saved, model_a], [chat_a, chat_b, system], **fast)
+        refresh_btn.click(refresh, [model_a, model_b, doc_model], [model_a, model_b, doc_model, status], **fast)
         gr.api(chat_api, api_name="chat", concurrency_limit=concurrency, concurrency_id=GENERATE)
     return app
+
+
+def sampling_sliders(prefix: str) -> list[gr.Slider]:
+    """Temperature, top-p, top-k, max new tokens, repetition penalty; each starts at GenerationParams' default."""
+    with gr.Row():
+        return [
+            gr.Slider(0, 2, value=DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)",
+                      elem_id=f"{prefix}temperature"),
+            gr.Slider(0.05, 1, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id=f"{prefix}top-p"),
+            gr.Slider(0, 200, value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)", elem_id=f"{prefix}top-k"),
+            gr.Slider(16, 2048, value=DEFAULTS.max_new_tokens, step=16, label="Max new tokens",
+                      elem_id=f"{prefix}max-new"),
+            gr.Slider(1.0, 2.0, value=DEFAULTS.repetition_penalty, step=0.05, label="Repetition penalty",
+                      elem_id=f"{prefix}rep"),
+        ]
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
            share: bool = False, concurrency: int = 4, max_queue: int = 64, block: bool = True) -> gr.Blocks:
     """Queue with `concurrency` generations at once (`max_queue` more may wait), then serve the app."""
+    if share and not auth:
+        raise ValueError("A public share link without a login lets anyone use this model: add --auth USER:PASSWORD.")
     app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
-    app.launch(server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=not block,
-               max_file_size=MAX_FILE_BYTES, show_error=True, ssr_mode=False, quiet=not block,
+    # quiet: Gradio's own banner tells people to edit launch(); ours names the command-line flags instead
+    app.launch(server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=True,
+               max_file_size=MAX_FILE_BYTES, show_error=True, ssr_mode=False, quiet=True,
                theme=gr.themes.Soft(), css=CSS)
+    print(f"tunesmith UI on {app.local_url}", flush=True)
+    if share:
+        print(f"public link (login required): {app.share_url}", flush=True)
+    elif block:
+        print("for a public link add --share --auth USER:PASSWORD; Ctrl+C stops", flush=True)
+    if block:
+        app.block_thread()
     return app
 
 
 # -- pure helpers --------------------------------------------------------------------------------------------
+def _pool_message(e: Exception) -> str:
+    """A model error as the user should read it: an unknown name means the lists are stale."""
+    if isinstance(e, UnknownModelError) and "Refresh runs" not in str(e):
+        return f"{e} Press Refresh runs to update the lists."
+    return str(e)
+
+
 def _text(message: dict[str, Any]) -> str:
     """Gradio 6 hands messages back with content as a list of parts; the model wants one string."""
     content = message.get("content")
@@ -270,15 +411,30 @@ def _text(message: dict[str, Any]) -> str:
     return "" if content is None else str(content)
 
 
+def _plain(history: Any) -> Messages:
+    """A chat as Gradio hands it back (content as parts, empty keys) -> plain messages it accepts as a value again;
+    each reply keeps its title (the model that wrote it). Anything malformed, e.g. from old browser storage, is
+    dropped."""
+    out: Messages = []
+    for m in history if isinstance(history, list) else []:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            continue
+        msg: dict[str, Any] = {"role": m["role"], "content": _text(m)}
+        if isinstance(m.get("metadata"), dict) and m["metadata"].get("title"):
+            msg["metadata"] = {"title": str(m["metadata"]["title"])}
+        out.append(msg)
+    return out
+
+
 def _for_model(system: str, history: Messages) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
     return msgs + [{"role": m["role"], "content": _text(m)} for m in history if m.get("role") in ("user", "assistant")]
 
 
-def _params(temperature: float, top_p: float, max_new_tokens: float, repetition_penalty: float,
+def _params(temperature: float, top_p: float, top_k: float, max_new_tokens: float, repetition_penalty: float,
             seed: int | None = None) -> GenerationParams:
     return GenerationParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                            repetition_penalty=float(repetition_penalty), seed=seed)
+                            top_k=int(top_k), repetition_penalty=float(repetition_penalty), seed=seed)
 
 
 def _sync_compare(a: Messages, b: Messages, model_b: str) -> Messages:
@@ -300,6 +456,7 @@ def _user_index(history: Messages, index: int) -> int | None:
 
 
 def _status(names: list[str], done: list[Completion | None], took: list[float]) -> str:
+    """Per pane: tokens and seconds from its first token to its last (time waiting for the model not counted)."""
     parts = []
     for name, c, seconds in zip(names, done, took):
         if c is None:

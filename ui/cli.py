@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,6 +36,10 @@ def _parse_auth(value: str) -> tuple[str, str]:
 
 
 def _ui(a: argparse.Namespace) -> int:
+    if a.share and not a.auth:  # checked before loading anything: a public link must never open without a login
+        print("error: --share publishes this app on a public gradio.live address; add a login with "
+              "--auth USER:PASSWORD (e.g. --share --auth alice:s3cret).", file=sys.stderr)
+        return 2
     from .app import build_app, launch
 
     pool = _pool(a)
@@ -44,10 +50,21 @@ def _ui(a: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_ENV = "TUNESMITH_API_KEY"
+"""Where `serve` finds the API key when --api-key is not given: a key in an environment variable stays out of `ps`
+listings and shell history."""
+
+
+def serve_options(a: argparse.Namespace) -> dict:
+    """`serve`'s flags as `server.serve` keywords: the key from --api-key, else from TUNESMITH_API_KEY; origins split."""
+    origins = [o.strip() for o in (a.cors_origins or "").split(",") if o.strip()]
+    return {"api_key": a.api_key or os.environ.get(API_KEY_ENV) or None, "cors_origins": origins or None}
+
+
 def _serve(a: argparse.Namespace) -> int:
     from .server import serve
 
-    serve(_pool(a), host=a.host, port=a.port, api_key=a.api_key, concurrency=a.concurrency)
+    serve(_pool(a), host=a.host, port=a.port, concurrency=a.concurrency, **serve_options(a))
     return 0
 
 
@@ -56,10 +73,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     u = subparsers.add_parser("ui", help="web app: chat, compare runs side by side, ask your documents")
     _common(u, port=7860)
     u.add_argument("--auth", default=None, type=_parse_auth, metavar="USER:PASSWORD", help="require this login")
-    u.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    u.set_defaults(func=_ui)
+    u.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs --auth)")
+    u.set_defaults(func=_ui, serving=True)
 
-    s = subparsers.add_parser("serve", help="OpenAI-compatible API: /v1/chat/completions and /v1/models")
+    s = subparsers.add_parser("serve", help="OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+                                            "/v1/embeddings, /v1/models")
     _common(s, port=8000)
-    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
-    s.set_defaults(func=_serve)
+    s.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every request (default: ${API_KEY_ENV}, if set)")
+    s.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                   help="comma-separated web origins allowed to call the API from a browser, e.g. "
+                        "http://localhost:3000 (`*` for any); off by default")
+    s.set_defaults(func=_serve, serving=True)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
 from tunesmith.finetune.generate import GenerationParams, Generator
 
 ALLOWED_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".csv", ".json", ".jsonl", ".html", ".htm", ".py")
@@ -70,30 +73,43 @@ def list_documents(folder: str | Path | None) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def ask_documents(gen: Generator, folder: str | Path, question: str, params: GenerationParams) -> DocAnswer:
-    """Answer `question` from the documents in `folder` with the retrieval chain of `tunesmith.chains`."""
-    try:
-        from tunesmith.chains.rag import rag_chain
-    except ImportError as e:
-        raise RuntimeError(
-            "Chain mode needs `tunesmith.chains.rag.rag_chain(docs_dir, generator, params)`, which this install "
-            f"does not have yet ({e}). Update tunesmith, or use the Chat tab."
-        ) from e
+def ask_documents(gen: Generator, folder: str | Path, question: str, params: GenerationParams, *,
+                  extractive: bool = True, on_token: Callable[[str], None] | None = None) -> DocAnswer:
+    """Answer `question` from the documents in `folder` with the retrieval chain of `tunesmith.chains`.
+
+    `extractive` quotes the passage sentence the model finds most likely (the chain's default: the most accurate
+    answer a small model gives, and `params`' sampling plays no part); otherwise the answer is generated with
+    `params`, and `on_token` gets its text as it streams. An exception raised by `on_token` ends the generation
+    at once (that is how Stop reaches it) and propagates."""
+    from tunesmith.chains import TunedChatModel, as_chat_model, rag_chain
+
+    chat = as_chat_model(gen, params)
+    if on_token is not None and isinstance(chat, TunedChatModel):
+        chat = chat.model_copy(update={"streaming": True})  # `invoke` then reports each token to the callbacks
     # the index goes inside the session folder, so it is deleted with it (and rebuilt only when uploads change)
-    chain = rag_chain(folder, gen, params, index_dir=Path(folder) / ".index", suffixes=ALLOWED_SUFFIXES)
-    result = chain.invoke(question)
-    return DocAnswer(str(result["answer"]), [_source_line(s) for s in result.get("sources", [])])
+    chain = rag_chain(folder, chat, index_dir=Path(folder) / ".index", suffixes=ALLOWED_SUFFIXES,
+                      extractive=extractive)
+    callbacks = [_TokenSink(on_token)] if on_token is not None else []
+    result = chain.invoke(question, config={"callbacks": callbacks})
+    return DocAnswer(str(result["answer"]), [_source_line(s) for s in result["sources"]])
 
 
-def _source_line(src: Any) -> str:
-    """A LangChain Document, a {"source", "text"} dict, or a plain string -> `file: first words`."""
-    meta = getattr(src, "metadata", None) or (src if isinstance(src, dict) else {})
-    text = getattr(src, "page_content", None) or (src.get("text") or src.get("page_content") if isinstance(src, dict) else None)
-    where = Path(str(meta.get("source", ""))).name if meta.get("source") else ""
-    if text is None:
-        return str(src)
-    snippet = " ".join(str(text).split())[:160]
-    return f"{where}: {snippet}" if where else snippet
+class _TokenSink(BaseCallbackHandler):
+    raise_error = True
+    """LangChain swallows callback errors by default; Stop needs its exception to end the generation."""
+
+    def __init__(self, on_token: Callable[[str], None]) -> None:
+        self.on_token = on_token
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.on_token(token)
+
+
+def _source_line(doc: Document) -> str:
+    """A retrieved passage as one line: `file: first words`."""
+    source = doc.metadata.get("source")
+    snippet = " ".join(doc.page_content.split())[:160]
+    return f"{Path(str(source)).name}: {snippet}" if source else snippet
 
 
 def _clean_name(name: str) -> str:

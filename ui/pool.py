@@ -134,12 +134,34 @@ class ModelPool:
             with self._lock:
                 gen = self._loaded.get(choice.source)
             if gen is None:
-                gen = load_generator(choice.source)
+                gen = self._load(choice)
                 with self._lock:
                     self._loaded[choice.source] = gen
                     while len(self._loaded) > self.max_loaded:
                         self._loaded.popitem(last=False)
         return gen, choice
+
+    def _load(self, choice: ModelChoice) -> Generator:
+        """load_generator, with what goes wrong while loading said in words the user can act on."""
+        try:
+            return load_generator(choice.source)
+        except (ModelLoadError, OSError, ValueError) as e:  # HFValidationError: a folder gone mid-load reads as a hub id
+            if self._vanished_run(choice):
+                raise UnknownModelError(
+                    f"The run {choice.name} was removed from {self.runs_dir} while it was loading. Pick another "
+                    "model (in the web app, press Refresh runs to update the list)."
+                ) from e
+            if isinstance(e, ModelLoadError):
+                raise
+            raise ModelLoadError(
+                f"Could not load {choice.name} from {choice.source} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}). Check that the folder is complete (a run needs "
+                "config.yaml and adapter/), or pick another model."
+            ) from e
+
+    def _vanished_run(self, choice: ModelChoice) -> bool:
+        src = Path(choice.source)
+        return src.parent == self.runs_dir and not is_run_dir(src)
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible API over the model pool: `/v1/chat/completions` (streamed as SSE or not) and `/v1/models`.
+"""An OpenAI-compatible API over the model pool: `/v1/chat/completions` (streamed as SSE or not), `/v1/models`,
+and (ui/openai_routes.py) `/v1/completions` and `/v1/embeddings`; `/health` for load balancers.
 
 So that the `openai` client, LangChain's `ChatOpenAI` and anything else that speaks the OpenAI wire format can
 use a tuned model by pointing `base_url` at this server. The request's `model` picks among the pool's models
@@ -9,6 +10,7 @@ use a tuned model by pointing `base_url` at this server. The request's `model` p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import threading
@@ -16,21 +18,34 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
-from tunesmith.finetune.generate import Chunk, Completion, GenerationParams, Generator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tunesmith.finetune.generate import Chunk, Completion, GeneratedLogprob, GenerationParams, Generator, Prompt
 from tunesmith.finetune.model import ModelLoadError
 
 from .batching import Batcher
-from .pool import ContextError, ModelChoice, ModelPool, UnknownModelError, fit_context
-from .streaming import aiter_stream
+from .openai_chat import (
+    RequestError,
+    ToolPlan,
+    check_tool_messages,
+    choice_json,
+    logprobs_json,
+    plan_tools,
+    response_schema,
+    tool_fields,
+    usage_json,
+)
+from .pool import BASE_SUFFIX, ContextError, ModelChoice, ModelPool, UnknownModelError, fit_context
+from .streaming import aiter_stream, merge_streams
 
 
 class ApiError(Exception):
@@ -54,8 +69,11 @@ class _TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class ChatRequest(BaseModel):
@@ -72,13 +90,20 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = Field(None, max_length=4)  # OpenAI's limit: up to 4 stop strings
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch.manual_seed takes 64 bits
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     # not OpenAI's, but what local models are tuned with; vLLM and llama.cpp servers accept the same names
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
-def _messages(req: ChatRequest) -> list[dict[str, str]]:
+def _messages(req: ChatRequest) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(req.messages):
         if isinstance(m.content, list):
@@ -88,31 +113,30 @@ def _messages(req: ChatRequest) -> list[dict[str, str]]:
             text = "".join(p.text or "" for p in m.content)
         else:
             text = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text, **tool_fields(m)})
     return out
 
 
-def _params(req: ChatRequest, max_new_tokens: int) -> GenerationParams:
-    if req.n != 1:
-        raise ApiError(400, "n > 1 is not supported; send n requests (they are batched together).", param="n")
+def _params(req: ChatRequest, max_new_tokens: int, json_schema: dict[str, Any] | None = None) -> GenerationParams:
+    """Missing sampling fields take GenerationParams' defaults: the UI and the API answer alike."""
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
     # an empty stop string would match at once and end every answer after one token
     stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
+    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+             "repetition_penalty": req.repetition_penalty, "presence_penalty": req.presence_penalty,
+             "frequency_penalty": req.frequency_penalty}
     try:
-        return GenerationParams(
-            max_new_tokens=max_new_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            stop=stop, seed=req.seed,
-        )
+        return GenerationParams(max_new_tokens=max_new_tokens, stop=stop, seed=req.seed, json_schema=json_schema,
+                                logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
+                                **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise ApiError(400, str(e)) from e
 
 
 _EXAMPLE = '{"model": "...", "messages": [{"role": "user", "content": "Hello"}]}'
 MAX_BODY_BYTES = 16 * 2**20
-"""Larger request bodies are refused with 413 before they are read (no context holds that much text anyway)."""
+"""Larger request bodies are refused with 413; reading stops at the limit (no context holds that much text)."""
 
 
 def _validation_error(e: RequestValidationError) -> ApiError:
@@ -128,40 +152,93 @@ def _validation_error(e: RequestValidationError) -> ApiError:
         return ApiError(400, f"The request body must be a JSON object like {_EXAMPLE}, with content-type "
                              "application/json.")
     return ApiError(400, f"Invalid request: {where}: {err.get('msg', 'invalid')}. Fix `{where}` and retry "
-                         "(fields as in OpenAI's chat completions API).", param=where)
+                         "(fields as in OpenAI's API for this route).", param=where)
 
 
 class _Guard:
-    """Every request, on every route (unknown ones included): the API key first, then the body size."""
+    """Every request, on every route (unknown ones included): the API key first, then the body size.
+
+    The size is checked on the bytes actually received, not only on Content-Length: a chunked upload has none, and
+    reading it whole before refusing it cost 40 s and 250 MB for 40 MiB. The body is read here (at most
+    MAX_BODY_BYTES of it) and handed on to the app, which then reads it from memory."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            error = None
-            if self.api_key is not None:
-                got = headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(got.encode(), self.api_key.encode()):
-                    error = ApiError(401, "Incorrect API key. Pass the key the server was started with (--api-key) "
-                                          "as `api_key=` / `Authorization: Bearer ...`.", code="invalid_api_key")
-            length = headers.get("content-length", "0")
-            if error is None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                error = ApiError(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB (or a bad Content-Length); "
-                                      "send less text.", code="request_too_large")
-            if error is not None:
-                await error.response()(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        error = None
+        if self.api_key is not None and not hmac.compare_digest(_bearer(headers.get("authorization", "")).encode(),
+                                                                self.api_key.encode()):
+            error = ApiError(401, "Incorrect API key. Pass the key the server was started with (--api-key or "
+                                  "TUNESMITH_API_KEY) as `api_key=` / `Authorization: Bearer ...`.",
+                             code="invalid_api_key")
+        length = headers.get("content-length", "0")
+        if error is None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            error = _too_large()
+        body = b""
+        if error is None:
+            body, over = await _read_body(receive)
+            if body is None:  # the client went away mid-upload: nobody to answer
                 return
-        await self.app(scope, receive, send)
+            error = _too_large() if over else None
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, which a stream waits for to stop generating
+
+        await self.app(scope, replay, send)
+
+
+def _bearer(header: str) -> str:
+    """The key in `Authorization: Bearer KEY`; the scheme is case-insensitive (RFC 9110), and a bare key is taken too."""
+    scheme, _, rest = header.strip().partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" else header.strip()
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"Request body over {MAX_BODY_BYTES // 2**20} MB (or a bad Content-Length); send less text.",
+                    code="request_too_large")
+
+
+async def _read_body(receive: Receive) -> tuple[bytes | None, bool]:
+    """(body, over the limit); stops reading at MAX_BODY_BYTES, so an endless chunked upload costs nothing more.
+    Body None: the client disconnected first."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, False
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return b"", True
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts), False
 
 
 def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4, max_queue: int = 64,
-              default_max_tokens: int = 512, batcher: Batcher | None = None) -> FastAPI:
+              default_max_tokens: int = 512, batcher: Batcher | None = None,
+              cors_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app. `concurrency` requests generate at once (non-streamed ones among them are batched);
-    up to `max_queue` more wait, further ones get 429."""
+    up to `max_queue` more wait, further ones get 429. `cors_origins`: web pages allowed to call the API from a
+    browser (`["*"]` for any); none by default."""
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, api_key=api_key)
+    if cors_origins:  # added last, so outermost: preflights carry no key and are answered before the guard
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"], max_age=600)
     batcher = batcher or Batcher(max_batch_size=concurrency)
     slots = _Slots(concurrency, max_queue)
     finished: deque[tuple[str, str]] = deque(maxlen=256)
@@ -186,13 +263,16 @@ def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4,
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 400:  # FastAPI could not decode the body at all (e.g. not UTF-8)
             return ApiError(400, f"{e.detail}. Send a UTF-8 JSON object like {_EXAMPLE}.").response()
-        return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        if e.status_code in (404, 405):  # the route, never a file path: clients only ever see URL paths
+            return ApiError(e.status_code, f"No route {request.method} {request.url.path}. This server answers "
+                            f"{_ROUTES}.", code="not_found" if e.status_code == 404 else None).response()
+        return ApiError(e.status_code, str(e.detail)).response()
 
     def _load(name: str | None) -> tuple[Generator, ModelChoice]:
         try:
             return pool.get(name)
-        except UnknownModelError as e:
-            raise ApiError(404, str(e), param="model", code="model_not_found") from e
+        except UnknownModelError as e:  # pool's message names the runs folder's absolute path: not for clients
+            raise _unknown_model(name) from e
         except ModelLoadError as e:
             raise ApiError(500, str(e), type_="server_error") from e
 
@@ -202,69 +282,120 @@ def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4,
         return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "tunesmith"}
                                            for n in pool.names()]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in pool.names():
+            raise _unknown_model(model_id)
+        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "tunesmith"}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """For load balancers and scripts waiting for start-up: 200 once serving, with the models in memory."""
+        loaded, names = set(pool.loaded()), []
+        for n in pool.names():  # names, not sources: a source is an absolute path
+            with contextlib.suppress(UnknownModelError):  # a run deleted since it was listed
+                if not n.endswith(BASE_SUFFIX) and pool.resolve(n).source in loaded:
+                    names.append(n)
+        return {"status": "ok", "default": pool.default, "loaded": names}
+
+    from .openai_routes import add_routes  # here: that module imports this one
+
+    add_routes(app, _load, slots, batcher, finished)
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest) -> JSONResponse | StreamingResponse:
         messages = _messages(req)
-        _params(req, 1)  # refuse bad parameters before loading a model
+        try:
+            schema = response_schema(req.response_format)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=e.param) from e
+        _params(req, 1, schema)  # refuse bad parameters before loading a model
         gen, choice = await anyio.to_thread.run_sync(_load, req.model)
         try:
+            check_tool_messages(gen, messages)
+            plan = plan_tools(gen, messages, req.tools, req.tool_choice)
+            if plan is not None and plan.schema is not None:
+                if schema is not None:
+                    raise RequestError("A forced tool call is JSON of the tool's parameters already; send either "
+                                       "response_format or tool_choice, not both.", "response_format")
+                schema = plan.schema
+            prompt = plan.prompt if plan is not None else messages
             _, max_new = await anyio.to_thread.run_sync(
-                fit_context, gen, messages, req.max_completion_tokens or req.max_tokens, default_max_tokens)
+                fit_context, gen, prompt, req.max_completion_tokens or req.max_tokens, default_max_tokens)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=e.param) from e
         except ContextError as e:
             raise ApiError(400, str(e), param=e.param, code="context_length_exceeded") from e
         except Exception as e:  # a template that rejects these roles or this order: the request's fault
             raise ApiError(400, f"The chat template of {choice.name} rejected these messages: {e}",
                            param="messages") from e
-        params = choice.params(_params(req, max_new))
+        params = choice.params(_params(req, max_new, schema))
+        # choice i samples with seed + i: reproducible, and choice 0 is what n=1 with that seed answers
+        per_choice = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(req.n)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         slots.admit()
         if not req.stream:
             await slots.acquire()
             try:
-                out: Completion = await anyio.to_thread.run_sync(batcher.generate, gen, messages, params)
+                outs: list[Completion] = await asyncio.gather(
+                    *(anyio.to_thread.run_sync(batcher.generate, gen, prompt, p) for p in per_choice))
             finally:
                 slots.release()
-            finished.append((choice.name, out.finish_reason))
+            finished.extend((choice.name, out.finish_reason) for out in outs)
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": created, "model": choice.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                             "finish_reason": _finish(out.finish_reason), "logprobs": None}],
-                "usage": _usage(out),
+                "choices": [choice_json(i, out, plan, _finish(out.finish_reason)) for i, out in enumerate(outs)],
+                "usage": usage_json(outs),
             })
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(
-            _sse(gen, messages, params, choice.name, cid, created, include_usage, slots, finished),
+            _sse(gen, prompt, per_choice, plan, choice.name, cid, created, include_usage, slots, finished),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     return app
 
 
-async def _sse(gen: Generator, messages: list[dict[str, str]], params: GenerationParams, model: str, cid: str,
-               created: int, include_usage: bool, slots: _Slots,
+async def _sse(gen: Generator, prompt: Prompt, per_choice: list[GenerationParams], plan: ToolPlan | None, model: str,
+               cid: str, created: int, include_usage: bool, slots: _Slots,
                finished: deque[tuple[str, str]]) -> AsyncIterator[str]:
-    """Server-sent events; if the client goes away, Starlette cancels this generator and `finally` stops the model."""
+    """Server-sent events, one stream per choice (`n`), merged as their tokens come; if the client goes away,
+    Starlette cancels this generator and `finally` stops the model. With tools, a choice's text is held back
+    until it is known to be a call or an answer."""
     cancel = threading.Event()
     acquired = False
 
-    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    def event(i: int, delta: dict[str, Any], finish: str | None = None,
+              logprobs: list[GeneratedLogprob] | None = None) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+                "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs_json(logprobs)}]}
         return f"data: {json.dumps(body)}\n\n"
 
     try:
         await slots.acquire()  # here, not in the handler: a generator that never starts never runs `finally`
         acquired = True
-        yield event({"role": "assistant", "content": ""})
-        async for chunk in aiter_stream(_recorded(gen.stream(messages, params, cancel=cancel), model, finished)):
-            if chunk.text:
-                yield event({"content": chunk.text})
-            if chunk.done and chunk.completion is not None:
-                yield event({}, _finish(chunk.completion.finish_reason))
-                if include_usage:
-                    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": _usage(chunk.completion)}
-                    yield f"data: {json.dumps(body)}\n\n"
+        for i in range(len(per_choice)):
+            yield event(i, {"role": "assistant", "content": ""})
+        streams = [_recorded(gen.stream(prompt, p, cancel=cancel), model, finished) for p in per_choice]
+        outs: list[Completion] = []
+        async for i, chunk in aiter_stream(merge_streams(streams)):
+            if chunk.text and plan is None:
+                yield event(i, {"content": chunk.text}, logprobs=chunk.logprobs)
+            if not (chunk.done and chunk.completion is not None):
+                continue
+            out = chunk.completion
+            outs.append(out)
+            if plan is None:
+                yield event(i, {}, _finish(out.finish_reason), logprobs=chunk.logprobs)
+                continue
+            done = choice_json(i, out, plan, _finish(out.finish_reason))
+            calls = [{"index": k, **c} for k, c in enumerate(done["message"].get("tool_calls") or [])]
+            yield event(i, {"tool_calls": calls} if calls else {"content": out.text}, logprobs=out.logprobs)
+            yield event(i, {}, done["finish_reason"])
+        if include_usage and outs:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": usage_json(outs)}
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as e:  # headers are sent already: report in-band, as OpenAI does
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
@@ -311,19 +442,24 @@ def _recorded(stream: Iterator[Chunk], model: str, finished: deque[tuple[str, st
         yield chunk
 
 
+_ROUTES = ("GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions, "
+           "POST /v1/embeddings, GET /health")
+
+
+def _unknown_model(name: str | None) -> ApiError:
+    return ApiError(404, f"Unknown model {name!r}. GET /v1/models lists the models this server offers.",
+                    param="model", code="model_not_found")
+
+
 def _finish(reason: str) -> str:
     return "stop" if reason == "cancelled" else reason
 
 
-def _usage(c: Completion) -> dict[str, int]:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
-
-
 def serve(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          concurrency: int = 4) -> None:
+          concurrency: int = 4, cors_origins: list[str] | None = None) -> None:
     """Run the API with uvicorn until interrupted (loads the default model first, so the first request is fast)."""
     import uvicorn
 
     pool.get(None)
-    uvicorn.run(build_api(pool, api_key=api_key, concurrency=concurrency), host=host, port=port, log_level="info")
+    uvicorn.run(build_api(pool, api_key=api_key, concurrency=concurrency, cors_origins=cors_origins), host=host,
+                port=port, log_level="info")

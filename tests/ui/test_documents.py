@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-from tunesmith.ui.documents import _source_line, list_documents, store_uploads
+from langchain_core.documents import Document
+from tunesmith.ui.documents import ALLOWED_SUFFIXES, _source_line, list_documents, store_uploads
 
 
 def test_uploads_are_filtered_and_copied(tmp_path):
@@ -34,10 +33,18 @@ def test_upload_names_cannot_leave_the_folder(tmp_path):
 
 
 def test_source_lines():
-    doc = SimpleNamespace(page_content="Paris is\n the capital.", metadata={"source": "/tmp/x/notes.md"})
+    doc = Document(page_content="Paris is\n the capital.", metadata={"source": "/tmp/x/notes.md"})
     assert _source_line(doc) == "notes.md: Paris is the capital."
-    assert _source_line({"source": "a.txt", "text": "hi"}) == "a.txt: hi"
-    assert _source_line("plain") == "plain"
+    assert _source_line(Document(page_content="no file")) == "no file"
+
+
+def test_pdf_is_refused_with_a_reason(tmp_path):
+    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4 ...")
+    dest = tmp_path / "session"
+    dest.mkdir()
+    report = store_uploads([str(tmp_path / "paper.pdf")], dest)
+    assert report == [f"paper.pdf: refused, only text files ({', '.join(ALLOWED_SUFFIXES)}) are indexed"]
+    assert list_documents(dest) == []
 
 
 def test_ask_documents_runs_the_real_chain(tmp_path, tiny_model_dir):
@@ -52,3 +59,28 @@ def test_ask_documents_runs_the_real_chain(tmp_path, tiny_model_dir):
                         GenerationParams(max_new_tokens=4, temperature=0))
     assert res.sources == ["in.md: Paris is the capital of France."]
     assert list_documents(folder) == ["in.md"]  # the index sits hidden beside the uploads
+
+
+def test_written_answers_stream_and_stop_ends_the_generation(tmp_path, tiny_run_dir):
+    """Stop on the Documents tab: the token callback raises once cancel is set, and the chain's generation ends
+    (a 400-token answer would otherwise run on)."""
+    import threading
+
+    from tunesmith.finetune.generate import GenerationParams, load_generator
+    from tunesmith.ui.documents import ask_documents
+    from tunesmith.ui.streaming import run_with_tokens
+
+    (tmp_path / "in.md").write_text("Paris is the capital of France.\n")
+    folder = tmp_path / "session"
+    folder.mkdir()
+    store_uploads([str(tmp_path / "in.md")], folder)
+    gen = load_generator(tiny_run_dir)
+    params = GenerationParams(max_new_tokens=400, temperature=0, repetition_penalty=1.0)
+    cancel = threading.Event()
+    kinds = []
+    for kind, _ in run_with_tokens(lambda on_token: ask_documents(gen, folder, "capital?", params, extractive=False,
+                                                                  on_token=on_token), cancel):
+        kinds.append(kind)
+        if kinds.count("token") == 3:
+            cancel.set()
+    assert kinds[:3] == ["token"] * 3 and kinds[-1] == "cancelled" and len(kinds) <= 6

@@ -52,3 +52,40 @@ def test_loads_once_and_keeps_at_most_max_loaded(tmp_path, tiny_run_dir, tiny_mo
     base, base_choice = p.get(tiny_run_dir.name + ":base")
     assert tuned is base and base_choice.params(GREEDY).use_adapter is False  # same weights, adapter off
     assert p.loaded() == [str(tiny_run_dir)]  # the first model was dropped (max_loaded=1)
+
+
+def test_a_run_deleted_while_loading_is_said_in_words(tmp_path, tiny_run_dir, monkeypatch):
+    """What transformers raises when the folder vanishes mid-load (HFValidationError: the path is read as a hub id)
+    must reach the user as "removed while it was loading", not as the raw exception."""
+    from huggingface_hub.errors import HFValidationError
+    from tunesmith.ui import pool as pool_mod
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run_dir, runs / "doomed")
+    p = ModelPool(runs, default="embedded")
+
+    def load_after_delete(source):
+        shutil.rmtree(source)
+        raise HFValidationError(f"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '{source}'.")
+
+    monkeypatch.setattr(pool_mod, "load_generator", load_after_delete)
+    with pytest.raises(UnknownModelError, match="doomed was removed from .* while it was loading. Pick another"):
+        p.get("doomed")
+
+
+def test_a_broken_run_load_error_names_the_run_and_the_fix(tmp_path, tiny_run_dir, monkeypatch):
+    from tunesmith.finetune.model import ModelLoadError
+    from tunesmith.ui import pool as pool_mod
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run_dir, runs / "broken")
+    p = ModelPool(runs, default="embedded")
+
+    def fail(source):
+        raise OSError("Unable to load weights from pytorch checkpoint file")
+
+    monkeypatch.setattr(pool_mod, "load_generator", fail)
+    with pytest.raises(ModelLoadError, match="Could not load broken from .*OSError: Unable to load weights.*a run "
+                                             "needs config.yaml and adapter/") as e:
+        p.get("broken")
+    assert not isinstance(e.value, UnknownModelError)

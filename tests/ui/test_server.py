@@ -72,7 +72,7 @@ def test_concurrent_requests_are_batched_and_not_mixed(api, client, pool, tiny_r
     ({"model": "../../etc/passwd"}, openai.NotFoundError, "model"),
     ({"temperature": 5}, openai.BadRequestError, "temperature"),
     ({"messages": []}, openai.BadRequestError, "messages"),
-    ({"n": 2}, openai.BadRequestError, "n"),
+    ({"n": 17}, openai.BadRequestError, "n"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, openai.BadRequestError, "messages.0.role"),
 ])
 def test_bad_requests_get_openai_errors(client, tiny_run_dir, kwargs, error, param):

@@ -1,0 +1,144 @@
+"""One Generator shared by concurrent requests: seeds repeat, tuned and base run at once, the tokenizer holds up,
+and the CPU threads of concurrent calls add up to the budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from tunesmith.finetune.generate import GenerationParams
+from tunesmith.finetune.sharing import AdapterSwitch, _RWLock, cpu_share
+
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+def _sampled(seed: int | None, tokens: int = 16) -> GenerationParams:
+    return GenerationParams(max_new_tokens=tokens, temperature=1.0, top_p=0.95, seed=seed)
+
+
+def test_seeded_request_repeats_beside_other_sampling_requests(tiny_gen):
+    alone = tiny_gen.generate(MSG, _sampled(7)).text
+    assert tiny_gen.generate(MSG, _sampled(7)).text == alone
+    assert tiny_gen.generate(MSG, _sampled(8)).text != alone  # the seed decides, not a fixed draw
+
+    def noise() -> None:
+        for _ in range(4):
+            tiny_gen.generate([{"role": "user", "content": "something else entirely"}], _sampled(None, 24))
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = [pool.submit(noise) for _ in range(2)]
+        beside = [pool.submit(tiny_gen.generate, MSG, _sampled(7)) for _ in range(3)]
+        results = [f.result().text for f in beside]
+        [f.result() for f in busy]
+    assert results == [alone] * 3
+
+
+def test_seeded_rows_of_a_batch_each_repeat_the_single_answer(tiny_gen):
+    alone = tiny_gen.generate(MSG, _sampled(11)).text
+    rows = tiny_gen.batch([MSG, MSG, [{"role": "user", "content": "a longer, different question here"}]],
+                          _sampled(11))
+    assert rows[0].text == rows[1].text == alone  # each row has its own generator: batching changes nothing
+
+
+def test_unseeded_rows_differ(tiny_gen):
+    rows = tiny_gen.batch([MSG] * 4, _sampled(None, 24))
+    assert len({r.text for r in rows}) > 1
+
+
+def test_lora_run_switches_per_call_and_base_equals_disable_adapter(tiny_gen):
+    assert tiny_gen._adapter.per_call  # plain LoRA: base mode needs no lock
+    greedy = GenerationParams(max_new_tokens=12, temperature=0, use_adapter=False)
+    base = tiny_gen.generate(MSG, greedy)
+    enc = tiny_gen._encode([MSG])
+    with tiny_gen.model.disable_adapter(), torch.inference_mode():
+        ref = tiny_gen.model.generate(**enc, max_new_tokens=base.completion_tokens, do_sample=False,
+                                      pad_token_id=tiny_gen.tokenizer.pad_token_id,
+                                      eos_token_id=tiny_gen._eos_ids())
+    ref_text = tiny_gen.tokenizer.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert base.text == ref_text
+    assert tiny_gen.generate(MSG, GenerationParams(max_new_tokens=12, temperature=0)).text != base.text
+
+
+def test_tuned_answers_while_a_base_answer_is_streaming(tiny_gen):
+    """The old exclusive base mode made the tuned request wait for the whole base answer."""
+    tuned_ref = tiny_gen.generate(MSG, GenerationParams(max_new_tokens=6, temperature=0)).text
+    stream = tiny_gen.stream(MSG, GenerationParams(max_new_tokens=400, temperature=0, use_adapter=False))
+    first = next(stream)  # the base answer is under way
+    assert not first.done
+    tuned = tiny_gen.generate(MSG, GenerationParams(max_new_tokens=6, temperature=0))
+    rest = list(stream)
+    assert tuned.text == tuned_ref  # the base rows of the other thread did not leak into this one
+    assert rest and not rest[0].done, "the base stream had ended before the tuned answer came back"
+    assert rest[-1].completion.completion_tokens > 6
+
+
+def test_dora_falls_back_to_the_lock(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM"))
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    switch = AdapterSwitch(model)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert switch.has_adapter and not switch.per_call and layers
+    with switch.use(adapter=False):
+        assert all(m.disable_adapters for m in layers)
+    assert not any(m.disable_adapters for m in layers)
+
+
+def test_waiting_writer_goes_before_new_readers():
+    lock, order = _RWLock(), []
+    lock.acquire(exclusive=False)  # a reader holds it
+    writer = threading.Thread(target=lambda: (lock.acquire(True), order.append("writer"), lock.release(True)))
+    writer.start()
+    time.sleep(0.1)  # the writer now waits
+    reader = threading.Thread(target=lambda: (lock.acquire(False), order.append("reader"), lock.release(False)))
+    reader.start()
+    time.sleep(0.1)
+    assert order == []  # the new reader queued behind the waiting writer
+    lock.release(exclusive=False)
+    writer.join(5), reader.join(5)
+    assert order == ["writer", "reader"]
+
+
+def test_tokenizer_survives_concurrent_batches_and_counts(tiny_gen):
+    """Padding by the tokenizer reconfigured its Rust object while other threads encoded: 'Already borrowed'."""
+    prompts = [[{"role": "user", "content": "word " * n}] for n in range(1, 40)]
+
+    def batches() -> None:
+        for i in range(0, len(prompts), 3):
+            tiny_gen._encode(prompts[i: i + 3])
+
+    def counts() -> None:
+        for p in prompts:
+            tiny_gen.count_tokens(tiny_gen.render(p))
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(batches if i % 2 else counts) for i in range(12)]
+        [f.result() for f in futures]
+    enc = tiny_gen._encode([MSG, prompts[10]])
+    assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][0, -1] == 1  # left-padded
+    assert enc["attention_mask"][0].sum() == tiny_gen.count_tokens(tiny_gen.render(MSG))
+
+
+def test_concurrent_calls_share_the_cpu_threads():
+    total = torch.get_num_threads()
+    seen: list[int] = []
+    inside = threading.Barrier(2)
+
+    def call() -> None:
+        with cpu_share() as share:
+            inside.wait(5)
+            seen.append(share.update())  # both calls are running now
+            inside.wait(5)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert sum(seen) <= max(total, 2) and min(seen) >= 1
+    with cpu_share() as alone:
+        assert alone.threads == total == torch.get_num_threads()
