@@ -1,7 +1,7 @@
 """Whole (non-streamed) vs streamed replies of the OpenAI API, on an idle machine and beside busy processes.
 
     python benchmarks/api_latency.py                         # embedded model, 24 tokens, 5 rounds per condition
-    python benchmarks/api_latency.py --model tiny --rounds 1 --conditions idle,busy  # CI smoke: tiny random model
+    python benchmarks/api_latency.py --tiny                  # CI smoke: tiny random model, 1 round, idle and busy
 
 Servers share machines. The same request (greedy, `--tokens` new tokens) is sent alternately streamed and whole to
 `tunesmith serve` in its own process, first on an idle machine, then beside `busy` processes (pure-Python loops,
@@ -112,7 +112,10 @@ def main() -> None:
                     help="idle; busy: 2 Python loops; parallel: torch matmuls; small: torch small ops (a decode "
                          "loop); heavy: all three kinds at once, 5 threads wanting the 2 cores")
     ap.add_argument("--servers", default="tunesmith,spin", help=f"of {', '.join(SERVERS)}")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: --model tiny --rounds 1 --conditions idle,busy")
     a = ap.parse_args()
+    if a.tiny:
+        a.model, a.rounds, a.conditions = "tiny", 1, "idle,busy"
     model = a.model
     if model == "tiny":
         from tunesmith.finetune.tiny import build_tiny_model

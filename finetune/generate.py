@@ -189,6 +189,18 @@ class _Watch(StoppingCriteria):
         return done
 
 
+def stable_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of `ids` that later tokens cannot change: all of it, unless it ends in half a UTF-8 character.
+
+    Then the next bytes may still complete it. A character has at most 4 bytes, so the text before the last 3
+    tokens is final: bytes that never make a character (a model writing garbage) do not hold the whole answer back
+    until the end, as waiting for a clean end did."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):
+        return text
+    return tokenizer.decode(ids[:-3], skip_special_tokens=True) if len(ids) > 3 else ""
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -448,9 +460,7 @@ class Generator:
                     yield Chunk("", done=True, completion=final,
                                 logprobs=final.logprobs if len(final.text) <= sent else None)
                     return
-                text = self.tokenizer.decode(val, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the next token
-                    continue
+                text = stable_text(self.tokenizer, val)
                 text, _ = cut_at_stop(text, p.stop)
                 safe = len(text) - holdback  # the tail could still turn into a stop string
                 if safe > sent:

@@ -121,11 +121,11 @@ class RowSampler(LogitsProcessor):
                  device: torch.device) -> None:
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)]
+        warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(float(temperature))]  # JSON may send 1
         if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
+            warpers.append(TopKLogitsWarper(int(top_k)))
         if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
+            warpers.append(TopPLogitsWarper(float(top_p)))
         self.warpers = LogitsProcessorList(warpers)
         self.generators = []
         for _ in range(rows):

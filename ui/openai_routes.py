@@ -22,7 +22,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from tunesmith.finetune.generate import (
+from tunesmith.finetune import (
     Completion,
     ContextError,
     GenerationParams,
@@ -298,7 +298,7 @@ def _generate(gen: Generator, prompts: Sequence[str | list[int]], n: int, params
 def _embedder() -> Any:
     """The chains' MiniLM (one per process). 500 with the install command when the package is missing."""
     try:
-        from tunesmith.chains.embeddings import default_embeddings
+        from tunesmith.chains import default_embeddings
 
         return default_embeddings()
     except Exception as e:

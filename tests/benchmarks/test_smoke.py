@@ -34,3 +34,9 @@ def test_chat_bench_tiny_prints_tables():
     out = _run("chat_bench.py")
     assert "TTFT ms" in out and "vs pipeline" in out
     assert "tunesmith Generator.stream" in out and "tunesmith Generator.batch" in out
+
+
+def test_api_latency_tiny_prints_table():
+    out = _run("api_latency.py")
+    assert "whole / streamed" in out
+    assert "| tunesmith | idle |" in out and "| spin | busy |" in out

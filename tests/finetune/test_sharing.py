@@ -142,3 +142,20 @@ def test_concurrent_calls_share_the_cpu_threads():
     assert sum(seen) <= max(total, 2) and min(seen) >= 1
     with cpu_share() as alone:
         assert alone.threads == total == torch.get_num_threads()
+
+
+def test_bytes_that_never_make_a_character_still_stream(tiny_gen):
+    """A model writing stray UTF-8 pieces (the tiny random one does) used to stream nothing until the end."""
+    from tunesmith.finetune.generate import stable_text
+
+    tok = tiny_gen.tokenizer
+    a = tok.encode("a", add_special_tokens=False)
+    stray = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd" and tok.decode([i, i]) == "\ufffd\ufffd")
+    assert stable_text(tok, a + [stray] * 10) == "a" + "\ufffd" * 7  # the last 3 could still be half a character
+    euro = tok.encode("€", add_special_tokens=False)
+    assert len(euro) > 1  # byte-level pieces of one 3-byte character
+    assert stable_text(tok, a * 4 + euro[:-1]) == "aaa"  # never half a character: the last 3 tokens wait
+    assert stable_text(tok, a + euro) == "a€"
+    params = GenerationParams(max_new_tokens=60, temperature=0)
+    chunks = list(tiny_gen.stream([{"role": "user", "content": "ü"}], params))
+    assert "".join(c.text for c in chunks) == chunks[-1].completion.text

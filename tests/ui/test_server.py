@@ -121,3 +121,20 @@ def test_langchain_chat_openai(api, pool, tiny_run_dir):
                         max_retries=0)
     assert llm.invoke("hello there").content == _expected(pool, tiny_run_dir.name, 12)
     assert "".join(c.content for c in llm.stream("hello there")) == _expected(pool, tiny_run_dir.name, 12)
+
+
+def test_seeded_request_repeats_beside_another(client, tiny_run_dir):
+    """A seed used to reseed the process-wide RNG, so a request sampling beside it changed the text."""
+    kw = dict(model=tiny_run_dir.name, messages=MSG, max_tokens=16, temperature=1.0, seed=42)
+    alone = client.chat.completions.create(**kw).choices[0].message.content
+    other = dict(model=tiny_run_dir.name, messages=[{"role": "user", "content": "another prompt"}], max_tokens=24,
+                 temperature=1.0)
+    with ThreadPoolExecutor(4) as pool:
+        noise = [pool.submit(client.chat.completions.create, **other) for _ in range(2)]
+        seeded = [pool.submit(client.chat.completions.create, **kw),
+                  pool.submit(client.chat.completions.create, stream=False, **kw)]
+        got = [f.result().choices[0].message.content for f in seeded]
+        [f.result() for f in noise]
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(stream=True, **kw) if c.choices)
+    assert got == [alone, alone] and streamed == alone
