@@ -37,6 +37,7 @@ from .loss import LossModel, check_loss
 from .metrics import resolve_labels
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import (
+    Smoothed,
     atomic_dir,
     full_state,
     latest_checkpoint,
@@ -228,7 +229,8 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         for line in s.report.lines():
             acc.print(line)
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
-    t0, tokens_seen, loss_ema, last, skipped_in_a_row, skipped = time.time(), 0, None, {}, 0, 0
+    t0, tokens_seen, last, skipped_in_a_row, skipped = time.time(), 0, {}, 0, 0
+    smooth = Smoothed(total)
     s.loss_model.train()
     for step in range(start, total):
         group = [s.batches[i] for i in s.plan[step]]
@@ -268,7 +270,7 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         # 3) log, evaluate, checkpoint
         elapsed = time.time() - t0
         tps = tokens_seen * world / max(elapsed, 1e-9)
-        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+        loss_smooth = smooth.add(loss)
         last = {"step": step + 1, "loss": round(loss, 5), "lr": s.scheduler.get_last_lr()[0],
                 "grad_norm": round(float(grad_norm), 5) if grad_norm is not None and math.isfinite(grad_norm) else None,
                 "target_tokens": n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2)}
@@ -280,7 +282,7 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
             _append_jsonl(out / "metrics.jsonl", last)
         if on_eval is not None and "eval_loss" in last and acc.is_main_process:
             on_eval(step + 1, {k: v for k, v in last.items() if k.startswith("eval_")})
-        bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.set_postfix(loss=f"{loss_smooth:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
         stop = _any_rank(acc, stop_requested())  # a signal seen by one rank stops all of them at the same step
         if (t.save_every > 0 and (step + 1) % t.save_every == 0 and step + 1 < total) or stop:
