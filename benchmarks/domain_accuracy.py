@@ -27,8 +27,7 @@ RECIPES = {
 
 
 def run_one(name: str, spec: list[str], size: int, out_root: Path, base: bool) -> dict:
-    from tunesmith.finetune import load_config, train
-    from tunesmith.finetune.evaluate import evaluate_run
+    from tunesmith.finetune import evaluate_run, load_config, train
 
     out = out_root / f"{name}-{size}"
     cfg = load_config(ROOT / spec[0], [*spec[1:], f"data.train=[{DATA / f'train_{size}.jsonl'}]",

@@ -55,7 +55,7 @@ def prompts(clients: int, requests: int, tag: str) -> list[list[str]]:
 
 def reference(pool, model: str, all_prompts: list[str], max_tokens: int) -> dict[str, tuple[str, int]]:
     """prompt -> (greedy reply, prompt tokens), one prompt at a time: what every server reply must equal."""
-    from tunesmith.finetune.generate import GenerationParams
+    from tunesmith.finetune import GenerationParams
 
     gen, choice = pool.get(model)
     params = choice.params(GenerationParams(max_new_tokens=max_tokens, temperature=0))

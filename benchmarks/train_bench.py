@@ -165,10 +165,9 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
 def _eval_adapter(adapter: str, max_length: int, limit: int) -> float:
     """The same held-out loss for every adapter: tunesmith's tokenization and masking, fp32, unpacked."""
     import torch
+    from tunesmith.finetune import DataReport, build_examples, load_generator, load_records
     from tunesmith.finetune.config import DataConfig
-    from tunesmith.finetune.data import DataReport, build_examples, load_records
     from tunesmith.finetune.evaluate import eval_loss
-    from tunesmith.finetune.generate import load_generator
 
     gen = load_generator(adapter, dtype=torch.float32)
     recs = load_records([str(TEST)])[:limit]
@@ -297,7 +296,7 @@ def main() -> None:
             a.steps, a.batch, a.max_length, a.r, a.alpha, a.eval_limit, a.repeats = 3, 2, 128, 4, 8, 8, 1
             a.epochs, seeds = 0.0, seeds[:2]
         else:
-            from tunesmith.finetune.model import resolve_base_model
+            from tunesmith.finetune import resolve_base_model
 
             model = resolve_base_model("embedded")
         results: dict[str, dict] = {}

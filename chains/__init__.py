@@ -19,7 +19,7 @@ from tunesmith import lazy_exports
 if TYPE_CHECKING:
     from .chat_model import TunedChatModel, as_chat_model, load_chat_model
     from .config import ChainConfig, build_chain, load_chain_config, run_chain
-    from .embeddings import MiniLMEmbeddings
+    from .embeddings import MiniLMEmbeddings, default_embeddings
     from .errors import (
         ChainConfigError,
         ChainError,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "TunedChatModel": ".chat_model", "as_chat_model": ".chat_model", "load_chat_model": ".chat_model",
     "ChainConfig": ".config", "build_chain": ".config", "load_chain_config": ".config", "run_chain": ".config",
-    "MiniLMEmbeddings": ".embeddings", "ChainConfigError": ".errors", "ChainError": ".errors",
+    "MiniLMEmbeddings": ".embeddings", "default_embeddings": ".embeddings", "ChainConfigError": ".errors", "ChainError": ".errors",
     "ChainModelError": ".errors", "DocumentsError": ".errors", "OutputParseError": ".errors",
     "PromptVariableError": ".errors", "extract_chain": ".extract", "classify_chain": ".pipelines",
     "few_shot_chain": ".pipelines", "parse_label": ".pipelines", "prompt_chain": ".pipelines",
@@ -48,7 +48,7 @@ _WHERE = {
 __all__ = [
     "ChainConfig", "ChainConfigError", "ChainError", "ChainModelError", "DocumentsError", "FaissStore",
     "MiniLMEmbeddings", "OutputParseError", "PromptVariableError", "TunedChatModel", "as_chat_model", "build_chain",
-    "build_index", "classify_chain", "extract_chain", "few_shot_chain", "load_chain_config", "load_chat_model",
+    "build_index", "classify_chain", "default_embeddings", "extract_chain", "few_shot_chain", "load_chain_config", "load_chat_model",
     "load_documents", "parse_label", "prompt_chain", "rag_chain", "run_chain", "summarize_chain",
 ]
 

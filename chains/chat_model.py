@@ -1,6 +1,6 @@
 """`TunedChatModel`: a LangChain chat model over a tunesmith run (base + LoRA adapter), a merged model, or `embedded`.
 
-All generation goes through `tunesmith.finetune.generate.Generator`, so chains get the run's own chat template,
+All generation goes through `tunesmith.finetune.Generator`, so chains get the run's own chat template,
 multi-token stop strings, usage counts and real cancellation for free. What this file adds is the LangChain side:
 message conversion, callbacks, and a `batch` that is one left-padded `generate` call instead of a thread per input.
 """
@@ -12,7 +12,6 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -22,13 +21,13 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.load import dumpd
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, model_validator
-from tunesmith.finetune.generate import Completion, GenerationParams, Generator, load_generator
-from tunesmith.finetune.model import EMBEDDED_ALIASES, ModelLoadError
+from tunesmith.finetune import Completion, GenerationParams, Generator, ModelLoadError, aiter_chunks, load_generator
 
 from .errors import ChainModelError
 
@@ -207,48 +206,22 @@ class TunedChatModel(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        """The sync stream runs in a worker thread and hands chunks to the event loop; when the consuming task is
-        cancelled (or stops reading), `cancel` is set and the generate thread stops at its next token."""
+        """The sync stream is read by finetune's pump thread; when the consuming task is cancelled (or stops
+        reading), `cancel` is set and the generate thread stops at its next token."""
         params = self._params(stop, **kwargs)
         cancel = self._cancel_event()
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        def put(item: tuple[str, Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                cancel.set()
-
-        def pump() -> None:
-            try:
-                with closing(self._gen().stream(to_chat(messages), params, cancel)) as it:
-                    for chunk in it:
-                        put(("chunk", chunk))
-                        if cancel.is_set():
-                            break
-                put(("end", None))
-            except BaseException as e:  # re-raised in the consumer's task
-                put(("error", e))
-
-        threading.Thread(target=pump, daemon=True, name="tunesmith-astream").start()
         try:
-            while True:
-                kind, val = await q.get()
-                if kind == "error":
-                    raise val
-                if kind == "end":
-                    return
-                out = self._chunk(val.text, val.completion)
-                if run_manager and val.text:
-                    await run_manager.on_llm_new_token(val.text, chunk=out)
+            async for chunk in aiter_chunks(self._gen().stream(to_chat(messages), params, cancel), cancel):
+                out = self._chunk(chunk.text, chunk.completion)
+                if run_manager and chunk.text:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=out)
                 yield out
         finally:
             cancel.set()
 
     # -- batch: one padded generate call, not a thread per input -----------------------------------------------
     def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
-              *, return_exceptions: bool = False, **kwargs: Any) -> list[BaseMessage]:  # type: ignore[override]
+              *, return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage]:
         """All inputs in one left-padded `Generator.batch` call (up to 16 rows per forward pass).
 
         Each input still gets its own callback run (tracing sees N chat-model runs). Per-call options
@@ -256,9 +229,9 @@ class TunedChatModel(BaseChatModel):
         """
         return self._batch(inputs, config, None, return_exceptions, **kwargs)
 
-    async def abatch(self, inputs: list[LanguageModelInput],  # type: ignore[override]
+    async def abatch(self, inputs: list[LanguageModelInput],
                      config: RunnableConfig | list[RunnableConfig] | None = None, *, return_exceptions: bool = False,
-                     **kwargs: Any) -> list[BaseMessage]:
+                     **kwargs: Any) -> list[AIMessage]:
         cancel = self._cancel_event()
         try:
             return await asyncio.to_thread(self._batch, inputs, config, cancel, return_exceptions, **kwargs)
@@ -273,13 +246,14 @@ class TunedChatModel(BaseChatModel):
         params = self._params(stop, **kwargs)
         conversations = [self._convert_input(i).to_messages() for i in inputs]
         runs = []
+        serialized = dumpd(self)  # what tracing records about this model, as BaseChatModel's own calls send it
         for cfg, msgs in zip(get_config_list(config, len(inputs)), conversations):
             manager = CallbackManager.configure(
                 cfg.get("callbacks"), self.callbacks, self.verbose, cfg.get("tags"), self.tags,
                 {**(cfg.get("metadata") or {}), **self._get_ls_params(stop=stop, **kwargs)}, self.metadata,
             )
             (run,) = manager.on_chat_model_start(
-                self._serialized, [msgs], invocation_params=self._identifying_params, name=cfg.get("run_name"),
+                serialized, [msgs], invocation_params=self._identifying_params, name=cfg.get("run_name"),
                 run_id=cfg.pop("run_id", None), batch_size=len(inputs),
             )
             runs.append(run)
@@ -299,7 +273,7 @@ class TunedChatModel(BaseChatModel):
         return out
 
     # -- structured output: JSON in the prompt, parsed and retried (the model has no tool calling) -----------
-    def with_structured_output(self, schema: Any, *, include_raw: bool = False,  # type: ignore[override]
+    def with_structured_output(self, schema: Any, *, include_raw: bool = False,
                                **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """Answer as an instance of `schema` (a Pydantic class, or a JSON-schema dict -> a dict).
 
@@ -348,36 +322,24 @@ def to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
             raise ValueError(f"TunedChatModel cannot send a {type(m).__name__} ({m.type!r}) to the model")
         if isinstance(m.content, list) and any(isinstance(b, dict) and b.get("type") not in ("text", None)
                                                for b in m.content):
-            kinds = sorted({b.get("type") for b in m.content if isinstance(b, dict)} - {"text"})
+            kinds = sorted({b["type"] for b in m.content
+                            if isinstance(b, dict) and b.get("type") not in ("text", None)})
             raise ValueError(f"TunedChatModel reads text only; this {type(m).__name__} has {kinds} content blocks")
         out.append({"role": role, "content": m.text})
     return out
 
 
-def _usage(c: Completion) -> dict[str, int]:
-    return {"input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens,
+def _usage(c: Completion) -> UsageMetadata:
+    # the ignore: langchain-core marks the *_token_details keys typing.NotRequired, which mypy's 3.10 typeshed
+    # lacks, so it reads them as required
+    return {"input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens,  # type: ignore[typeddict-item]
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
 def _load_generator(source: str, adapter: str | None) -> Generator:
-    _check_source(source)
+    """finetune resolves the source (one rule for runs, folders, .gguf, `embedded`, hub ids); chains re-raise its
+    error as a ChainModelError."""
     try:
         return load_generator(source, adapter=adapter)
     except ModelLoadError as e:
         raise ChainModelError(str(e)) from e
-
-
-def _check_source(source: str) -> None:
-    """A path that does not exist would otherwise be tried as a Hugging Face Hub id and fail with a network error."""
-    p = Path(source).expanduser()
-    if source.lower() in EMBEDDED_ALIASES or p.exists():
-        return
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or (p.parent != Path(".")
-                                                                                    and p.parent.is_dir())
-    if looks_local:
-        near = sorted(x.name for x in p.parent.iterdir() if x.is_dir())[:10] if p.parent.is_dir() else []
-        hint = f" Folders in {p.parent}: {', '.join(near)}." if near else ""
-        raise ChainModelError(
-            f"No run or model at {source}.{hint} Pass a run folder (config.yaml + adapter/), a merged model folder, "
-            f"or `{EMBEDDED_ALIASES[0]}`; train one with `tunesmith train configs/quickstart.yaml`."
-        )

@@ -14,6 +14,7 @@ from .errors import ChainError
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the `chain` subcommand on the main `tunesmith` parser."""
     c = subparsers.add_parser("chain", help="run a LangChain pipeline defined in configs/chains/*.yaml")
+    c.set_defaults(extra="chains")  # checked by tunesmith.cli before running: pip install 'tunesmith[chains]'
     sub = c.add_subparsers(dest="chain_command", required=True)
 
     r = sub.add_parser("run", help="run a chain once and print its answer")
@@ -44,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _config(a: argparse.Namespace) -> Any:
     """The chain config with `--set` and `--model` applied."""
-    from tunesmith.finetune.config import parse_override
+    from tunesmith.finetune import parse_override
 
     from .config import load_chain_config
 

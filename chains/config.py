@@ -1,30 +1,28 @@
-"""Chains written as YAML (configs/chains/*.yaml): one typed schema, validated here and nowhere else.
+"""Chains written as YAML (configs/chains/*.yaml): one typed schema, checked by finetune's config validator.
 
 A file names a `kind` (which pipeline), the `model` (a run folder, merged model or `embedded`), generation
 `params` (the fields of finetune's GenerationParams, not a second copy of them), and the kind's own settings. Keys that do not exist, or that belong to another kind, are rejected with
 the file and the key named. Relative paths (model, docs_dir) are relative to the folder you run from, as in the
-training configs.
+training configs; a docs_dir not found there is looked up among the shipped files (examples/docs).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel, create_model
-from tunesmith.finetune.config import read_yaml
-from tunesmith.finetune.generate import GenerationParams
+from tunesmith.finetune import ConfigError, GenerationParams, build_section, check_values, read_yaml
+
+from tunesmith.resources import config_names, find_config, resolve_path, shipped_root
 
 from .errors import ChainConfigError, ChainModelError
 
 Kind = Literal["rag", "classify", "extract", "summarize", "few_shot", "prompt"]
-CONFIG_DIRS = (Path("configs/chains"), Path(__file__).resolve().parent.parent / "configs" / "chains")
-"""Where `tunesmith chain run NAME` looks for NAME.yaml: under the current folder, then in the tunesmith checkout."""
+CONFIG_DIRS = (Path("configs/chains"), shipped_root() / "configs" / "chains")
+"""Where `tunesmith chain run NAME` looks for NAME.yaml: under the current folder, then among the shipped ones."""
 
 
 @dataclass
@@ -38,7 +36,7 @@ class ChainConfig:
     adapter: str | None = None
     """A checkpoint inside the run (checkpoints/step-N); default: the final adapter."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Generation settings: any field of `tunesmith.finetune.generate.GenerationParams` (max_new_tokens,
+    """Generation settings: any field of `tunesmith.finetune.GenerationParams` (max_new_tokens,
     temperature, top_p, top_k, repetition_penalty, stop, seed, use_adapter). Unset ones keep TunedChatModel's
     defaults, which are greedy (temperature 0) so a chain gives the same answer every time."""
     prompt: str | None = None
@@ -94,14 +92,10 @@ _FIELD_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": 
 
 def find_chain_config(name: str) -> Path:
     """NAME as a path, or NAME(.yaml) in configs/chains/ (see CONFIG_DIRS)."""
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p
-    for folder in CONFIG_DIRS:
-        for candidate in (folder / name, folder / f"{name}.yaml"):
-            if candidate.is_file():
-                return candidate
-    known = sorted({f.stem for d in CONFIG_DIRS if d.is_dir() for f in d.glob("*.yaml")})
+    found = find_config(name, "configs/chains")
+    if found is not None:
+        return found
+    known = config_names("configs/chains")
     raise ChainConfigError(f"no chain config `{name}`: not a file, and not in {CONFIG_DIRS[0]}/. "
                            f"Known chains: {', '.join(known) or 'none'} (`tunesmith chain list`).")
 
@@ -122,12 +116,28 @@ def load_chain_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 def build_config(raw: dict[str, Any], where: str) -> ChainConfig:
-    """The one validation: key names, types, the keys each kind reads, and the required ones."""
-    names = [f.name for f in dataclasses.fields(ChainConfig)]
-    _reject_unknown(raw, names, "", where)
-    kind = raw.get("kind")
-    if kind not in _KEYS:
-        raise ChainConfigError(f"{where}: `kind` must be one of {list(_KEYS)}, got {kind!r}")
+    """Key names and types by finetune's config validator (the one for every YAML); then what is chain-specific:
+    the keys each kind reads and needs, the generation params' ranges, the extraction field types."""
+    try:
+        cfg = build_section(ChainConfig, raw, where)
+        params = check_values(GenerationParams, cfg.params, where, "params.")  # only the keys set, for the defaults
+    except ConfigError as e:
+        raise ChainConfigError(str(e)) from None
+    _check_kind_keys(raw, cfg.kind, where)
+    try:
+        GenerationParams(**params)  # its own range checks (temperature >= 0, 0 < top_p <= 1, ...)
+    except ValueError as e:
+        raise ChainConfigError(f"{where}: params: {e}") from None
+    cfg.params = params
+    if cfg.kind == "extract":
+        extraction_schema(cfg, where)  # bad field types fail now, not at the first run
+    if cfg.kind == "classify" and cfg.fallback is not None and cfg.fallback not in cfg.labels:
+        raise ChainConfigError(f"{where}: `fallback` {cfg.fallback!r} is not one of the labels {cfg.labels}")
+    return cfg
+
+
+def _check_kind_keys(raw: dict[str, Any], kind: str, where: str) -> None:
+    """Another kind's key is an error, not silently ignored; a kind's required keys must be set."""
     for key in raw:
         if key not in _COMMON and key not in _KEYS[kind]:
             owners = [k for k, keys in _KEYS.items() if key in keys]
@@ -136,22 +146,6 @@ def build_config(raw: dict[str, Any], where: str) -> ChainConfig:
     for key in _REQUIRED[kind]:
         if not raw.get(key):
             raise ChainConfigError(f"{where}: kind: {kind} needs `{key}` (see configs/chains/ for examples).")
-    params = raw.get("params") or {}
-    if not isinstance(params, dict):
-        raise ChainConfigError(f"{where}: `params` must be a mapping (max_tokens: ..., temperature: ...)")
-    _reject_unknown(params, [f.name for f in dataclasses.fields(GenerationParams)], "params.", where)
-    params = {k: _checked(v, GenerationParams, k, where, "params.") for k, v in params.items()}
-    try:
-        GenerationParams(**params)  # its own range checks (temperature >= 0, 0 < top_p <= 1, ...)
-    except ValueError as e:
-        raise ChainConfigError(f"{where}: params: {e}") from None
-    values = {k: _checked(v, ChainConfig, k, where) for k, v in raw.items() if k != "params"}
-    cfg = ChainConfig(**values, params=params)
-    if kind == "extract":
-        extraction_schema(cfg, where)  # bad field types fail now, not at the first run
-    if kind == "classify" and cfg.fallback is not None and cfg.fallback not in cfg.labels:
-        raise ChainConfigError(f"{where}: `fallback` {cfg.fallback!r} is not one of the labels {cfg.labels}")
-    return cfg
 
 
 def build_chain(cfg: ChainConfig, model: Any = None, where: str = "chain config") -> Runnable[Any, Any]:
@@ -167,7 +161,7 @@ def build_chain(cfg: ChainConfig, model: Any = None, where: str = "chain config"
         raise ChainModelError(f"{where}: model: {e}") from e
     if cfg.kind == "rag":
         assert cfg.docs_dir is not None  # checked in build_config
-        return rag_chain(cfg.docs_dir, llm, k=cfg.k, prompt=cfg.prompt, index_dir=cfg.index_dir,
+        return rag_chain(resolve_path(cfg.docs_dir), llm, k=cfg.k, prompt=cfg.prompt, index_dir=cfg.index_dir,
                          chunk_size=cfg.chunk_size or 600, chunk_overlap=cfg.chunk_overlap or 80,
                          extractive=cfg.extractive)
     if cfg.kind == "classify":
@@ -210,44 +204,3 @@ def extraction_schema(cfg: ChainConfig, where: str) -> type[BaseModel]:
         spec[name] = (tp | None, None) if optional else (tp, ...)
     title = "".join(w.capitalize() for w in Path(where).stem.replace("-", "_").split("_")) or "Extraction"
     return create_model(title, **spec)
-
-
-def _reject_unknown(raw: dict[str, Any], names: list[str], prefix: str, where: str) -> None:
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean `{prefix}{close[0]}`?" if close else f" Known keys: {', '.join(names)}."
-            raise ChainConfigError(f"{where}: unknown key `{prefix}{key}`.{hint}")
-
-
-def _checked(value: Any, cls: type, key: str, where: str, prefix: str = "") -> Any:
-    """Type-check one YAML value against the dataclass annotation (ints are accepted for floats)."""
-    tp = typing.get_type_hints(cls)[key]
-    if _fits(value, tp):
-        return float(value) if tp is float else value
-    raise ChainConfigError(f"{where}: `{prefix}{key}` must be {_describe(tp)}, got {value!r}")
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return value in args
-    if args and origin is not list and origin is not dict:  # a union such as `int | None`
-        return any(_fits(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is str:  # YAML reads `yes`, `3` as bool/int: a label or a type name of that shape must be quoted
-        return isinstance(value, str)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")

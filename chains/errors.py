@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from tunesmith.finetune.errors import ModelLoadError
+from tunesmith.finetune import ModelLoadError
 
 
 class ChainError(Exception):

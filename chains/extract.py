@@ -75,9 +75,11 @@ def _parse_with_retry(model: BaseChatModel, schema: Schema, max_retries: int,
             try:
                 parsed = parse_json_reply(reply.text, schema)
             except OutputParseError as e:
-                cut = constrained and reply.response_metadata.get("finish_reason") == "length"
-                error = OutputParseError(f"{e} The JSON was cut off at max_tokens={model.max_tokens}: raise max_tokens "
-                                         "(params.max_new_tokens in a chain YAML).") if cut else e
+                error = e
+                # isinstance (= constrained) also tells mypy the model has max_tokens
+                if isinstance(model, TunedChatModel) and reply.response_metadata.get("finish_reason") == "length":
+                    error = OutputParseError(f"{e} The JSON was cut off at max_tokens={model.max_tokens}: raise "
+                                             "max_tokens (params.max_new_tokens in a chain YAML).")
                 history = [*history, reply, HumanMessage(EXTRACT_RETRY.format(error=e))]
                 continue
             return {"raw": reply, "parsed": parsed, "parsing_error": None} if include_raw else parsed

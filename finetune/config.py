@@ -12,9 +12,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+from tunesmith.resources import config_names, find_config, resolve_path
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -43,7 +47,7 @@ class DataConfig:
     """Pack several examples into one row (attention kept inside each example): no compute wasted on padding."""
     on_bad_record: Literal["error", "skip"] = "error"
     """`error` stops at the first bad record naming file and line; `skip` drops bad ones and reports how many."""
-    labels: str | list[str] = "auto"
+    labels: str | bool | list[str] = "auto"
     """Classification: `auto` treats the answers as labels when the training replies are a small set of short
     values; `off`; or the list of labels. With labels, every eval also scores each label by log-likelihood and logs
     `eval_accuracy` (what `tunesmith sweep` can optimise), and `tunesmith eval` reports per-class metrics."""
@@ -138,8 +142,8 @@ class Config:
         if self.finetuning_type == "full" and lo.load_in_4bit:
             raise bad("finetuning_type", "full cannot train 4-bit weights; set lora.load_in_4bit=false, or use "
                       "finetuning_type=lora (QLoRA)")
-        if d.labels in ("False", "True"):  # YAML 1.1 reads a bare `off` / `on` as a boolean
-            d.labels = "off" if d.labels == "False" else "auto"
+        if isinstance(d.labels, bool):  # YAML 1.1 reads a bare `off` / `on` as a boolean
+            d.labels = "auto" if d.labels else "off"
         if isinstance(d.labels, str) and d.labels not in ("auto", "off"):
             raise bad("data.labels", f"must be `auto`, `off` or a list of labels, got {d.labels!r}")
         if isinstance(d.labels, list) and len(set(d.labels)) < 2:
@@ -163,17 +167,19 @@ ALIASES = {
 """Names axolotl, LLaMA-Factory and HF TrainingArguments use, pointed at ours in the unknown-key message."""
 
 
-def _suggest(key: str, options: list[str]) -> str:
-    if key in ALIASES:
-        return f" Did you mean `{ALIASES[key]}`?"
+def _suggest(key: str, options: list[str], prefix: str, aliases: dict[str, str]) -> str:
+    if key in aliases:
+        return f" Did you mean `{aliases[key]}`?"
     close = difflib.get_close_matches(key, options, n=1)
-    return f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(options)}."
+    return f" Did you mean `{prefix}{close[0]}`?" if close else f" Known keys: {', '.join(options)}."
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check (and gently convert: '1e-4' -> 1e-4, 3 -> 3.0) one value against its annotation."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -196,6 +202,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: `{key}` must be a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: `{key}` must be a mapping (name: value), got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, f"{key} key", where): _coerce(v, vt, f"{key}.{k}", where) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -220,31 +231,58 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: `{key}` must be a finite number, got {value!r}")
         return out
     if tp is str:
+        if isinstance(value, bool):  # a label `yes` silently becoming "True" is worse than an error
+            raise ConfigError(f"{where}: `{key}` must be a string, got {value!r}: YAML reads yes/no/on/off/true/false "
+                              f"as booleans, so quote it ('{str(value).lower()}')")
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{where}: `{key}` must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{where}: `{key}` has an unsupported type {tp}")
 
 
-def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+def check_values(cls: type, raw: Any, where: str, prefix: str = "",
+                 aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """The keys a YAML mapping sets, each checked against `cls`'s annotations: the one place that rejects unknown
+    keys (with a did-you-mean) and wrong types, naming `where` (the file) and the dotted key, for training and
+    chain configs alike. Nested dataclass sections are built; keys `raw` leaves out are not filled in, so callers
+    that keep "unset" apart from "default" (a chain's generation `params`) can."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: `{prefix.rstrip('.') or 'top level'}` must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"{where}: unknown key `{full}`.{_suggest(str(key), names)}")
+            raise ConfigError(f"{where}: unknown key `{full}`.{_suggest(str(key), names, prefix, aliases or {})}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.", where)
+            out[key] = build_section(tp, value or {}, where, f"{full}.", aliases)  # type: ignore[arg-type]
         else:
-            kwargs[key] = _coerce(value, tp, full, where)
-    obj = cls.__new__(cls)  # fill defaults, then validate once on the whole config
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        setattr(obj, f.name, kwargs.get(f.name, default))
+            out[key] = _coerce(value, tp, full, where)
+    return out
+
+
+def build_section(cls: type[T], raw: Any, where: str, prefix: str = "", aliases: dict[str, str] | None = None) -> T:
+    """A typed config dataclass from a YAML mapping: `check_values`, then defaults for the keys left out.
+
+    The object is made without calling `__init__`, so checks that span sections (`Config.validate`) run once, on
+    the whole config, after every key is known. `aliases` maps other tools' key names to ours for the
+    unknown-key message (training configs pass `ALIASES`)."""
+    values = check_values(cls, raw, where, prefix, aliases)
+    obj = cls.__new__(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values:
+            value = values[f.name]
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            options = typing.get_args(typing.get_type_hints(cls)[f.name])
+            raise ConfigError(f"{where}: `{prefix}{f.name}` is required" + (f" (one of {list(options)})" if options
+                                                                            else "") + ".")
+        setattr(obj, f.name, value)
     return obj
 
 
@@ -270,10 +308,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     where = str(path) if path else "defaults"
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}. See configs/ for examples (configs/quickstart.yaml).")
-        raw = read_yaml(p)
+        p = find_config(path)  # a YAML path, or a shipped config's name: `quickstart` (tunesmith/resources.py)
+        if p is None:
+            raise ConfigError(f"config file not found: {path}. Give a YAML path, or a shipped config's name: "
+                              f"{', '.join(config_names())}.")
+        where, raw = str(p), read_yaml(p)
     for ov in overrides or []:
         keys, value = parse_override(ov)
         node = raw
@@ -283,7 +322,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"command line: `{ov}`: `{k}` is not a section")
         node[keys[-1]] = value
         where = f"{where} (+ command-line overrides)" if "overrides" not in where else where
-    cfg: Config = _build(Config, raw, "", where)
+    cfg = build_section(Config, raw, where, aliases=ALIASES)
+    # data files from the current folder, else the shipped ones (`examples/data/train.jsonl` of the quickstart)
+    cfg.data.train = [resolve_path(f) for f in cfg.data.train]
+    cfg.data.validation = [resolve_path(f) for f in cfg.data.validation]
     cfg.validate(where)
     return cfg
 

@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -437,7 +437,8 @@ def collate(group: list[Example] | list[list[Example]], packed: bool, pad_id: in
     causal mask (no attention across examples); rows are padded with a pad-only "example" that nothing attends to."""
     import torch
 
-    rows: list[list[Example]] = group if packed else [[ex] for ex in group]  # type: ignore[list-item]
+    # packed groups are bins (lists of examples), unpacked ones plain examples
+    rows = cast("list[list[Example]]", group) if packed else [[ex] for ex in cast("list[Example]", group)]
     width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
     ids, tgt, pos, mask = [], [], [], []
     for row in rows:

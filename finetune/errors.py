@@ -17,10 +17,15 @@ class MergeError(RuntimeError):
     """An adapter could not be merged, or the merged model does not reproduce base + adapter."""
 
 
+class ExportError(RuntimeError):
+    """A run cannot be exported (unsupported architecture, unfinished run, unwritable path), or the written file does
+    not reproduce the model; the message names the file and what differs."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (the loss is not finite, fp16 overflows); the message says which setting fixes it."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, ModelLoadError, MergeError, TrainingError, FileExistsError, FileNotFoundError,
+    ConfigError, DataError, ModelLoadError, MergeError, ExportError, TrainingError, FileExistsError, FileNotFoundError,
 )

@@ -19,6 +19,7 @@ import torch
 
 from .data import IGNORE, DataReport, build_examples, collate, load_records, prompts_and_answers
 from .generate import GenerationParams, Generator, load_generator
+from .loss import low_precision
 from .metrics import detect_labels, label_metrics, plot_confusion, rouge_l, tfidf_baseline
 from .scoring import score_candidates
 
@@ -28,8 +29,10 @@ Mode = Literal["auto", "generate", "score"]
 @torch.no_grad()
 def eval_loss(gen: Generator, examples: list[Any], use_adapter: bool, batch_size: int = 8) -> float:
     """Mean loss per trained token (the same masks as training)."""
+    from peft import PeftModel
+
     model = gen.model
-    ctx = model.disable_adapter() if (not use_adapter and gen.has_adapter) else contextlib.nullcontext()
+    ctx = model.disable_adapter() if (not use_adapter and isinstance(model, PeftModel)) else contextlib.nullcontext()
     tot, n = 0.0, 0
     with ctx:
         for i in range(0, len(examples), batch_size):
@@ -62,7 +65,7 @@ def label_accuracy(s: Any) -> float:
         mine = idx[(b * acc.num_processes + acc.process_index) * per:][:per]
         real = len(mine)
         mine = mine or idx[:1]  # a rank with nothing left still joins the collective forward
-        with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+        with low_precision(s.model, acc.device.type, low):
             scores = score_candidates(s.model, s.tokenizer, [s.val_prompts[i] for i in mine], labels)
         best = [labels[j] for j in scores.argmax(1).tolist()][:real]
         counts[0] += sum(p == s.val_answers[i].strip() for p, i in zip(best, mine))
@@ -230,8 +233,8 @@ def save_result(result: dict[str, Any], run: str | Path) -> list[Path]:
 
 def _data_cfg(gen: Generator) -> Any:
     """The run's own data settings (template, max_length) so eval tokenizes exactly like training did."""
-    from .config import DataConfig, _build
+    from .config import DataConfig, build_section
 
     raw = dict(gen.loaded.config.get("data", {}))
     raw.update(train=[], validation=[], on_bad_record="error")
-    return _build(DataConfig, raw, "data.", "run config")
+    return build_section(DataConfig, raw, "run config", "data.")

@@ -7,8 +7,8 @@ really stops the generate loop, left-padded batching, and usage counts.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,16 +22,22 @@ from .logits import GeneratedLogprob, RowSampler, _token_text, completion_logpro
 from .model import LoadedRun, load_run
 from .scoring import score_candidates
 from .sharing import AdapterSwitch, CpuShare, cpu_share
+from .streams import thread_stream
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
+
+
+GREEDY_BELOW = 1e-4
+"""Temperatures under this decode greedily: dividing logits by ~1e-246 overflows to inf, and the sampler's
+probabilities to NaN; at 1e-4 sampling already picks the top token whenever it leads by 0.01 logits."""
 
 
 @dataclass
 class GenerationParams:
     max_new_tokens: int = 256
     temperature: float = 0.7
-    """0 means greedy decoding."""
+    """0 (anything below GREEDY_BELOW) means greedy decoding."""
     top_p: float = 0.95
     top_k: int = 0
     repetition_penalty: float = 1.0
@@ -132,7 +138,7 @@ class ContextError(ValueError):
 
 def context_length(gen: Generator) -> int | None:
     """Tokens the model reads at most (prompt + answer): its config's `max_position_embeddings`, if it has one."""
-    n = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
+    n = getattr(gen, "n_ctx", None) or getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
@@ -327,7 +333,7 @@ class Generator:
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
         constraint = {"prefix_allowed_tokens_fn": self._json_constraint(p.json_schema)} if p.json_schema else {}
         extra = generate_kwargs(p, plen)
-        if p.temperature > 0:
+        if p.temperature >= GREEDY_BELOW:
             processors = extra.setdefault("logits_processor", LogitsProcessorList())
             processors.append(RowSampler(len(prompts), p.temperature, p.top_p, p.top_k, p.seed, self.device))
         with self._adapter.use(p.use_adapter), cpu_share() as watch.share, torch.inference_mode():
@@ -433,26 +439,14 @@ class Generator:
         """Yield text as it is generated. Closing the iterator early (or setting `cancel`) stops generation."""
         p = params or GenerationParams()
         cancel = cancel or threading.Event()
-        q: queue.Queue[tuple[str, Any]] = queue.Queue()
         holdback = max((len(s) for s in p.stop), default=0)
-
-        def on_tokens(ids: torch.Tensor) -> None:
-            q.put(("ids", ids.tolist()))
-
-        def work() -> None:
-            try:
-                q.put(("done", self._run([prompt], p, cancel, on_tokens)[0]))
-            except BaseException as e:  # surfaced in the consumer's thread
-                q.put(("error", e))
-
-        t = threading.Thread(target=work, daemon=True, name="tunesmith-generate")
-        t.start()
         sent = 0  # characters already yielded
-        try:
-            while True:
-                kind, val = q.get()
-                if kind == "error":
-                    raise val
+
+        def work(put: Any) -> Completion:
+            return self._run([prompt], p, cancel, lambda ids: put(ids.tolist()))[0]
+
+        with contextlib.closing(thread_stream(work, cancel, "tunesmith-generate")) as events:
+            for kind, val in events:
                 if kind == "done":
                     final: Completion = val
                     if len(final.text) > sent:
@@ -466,14 +460,22 @@ class Generator:
                 if safe > sent:
                     yield Chunk(text[sent:safe])
                     sent = safe
-        finally:
-            cancel.set() if t.is_alive() else None
-            t.join(timeout=30)
 
 
+ENGINES = ("transformers", "llama.cpp")
 
-def load_generator(source: str | Path, **kw: Any) -> Generator:
-    """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id."""
+
+def load_generator(source: str | Path, engine: str = "transformers", **kw: Any) -> Generator:
+    """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id.
+
+    `engine="llama.cpp"` serves a run through its exported GGUF (exported on first use, finetune/llamacpp.py): the
+    same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers."""
+    if engine == "llama.cpp":
+        from .llamacpp import load_llamacpp
+
+        return load_llamacpp(source, **kw)  # type: ignore[return-value]  # Generator's serving surface
+    if engine != "transformers":
+        raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
     return Generator(load_run(source, **kw))
 
 

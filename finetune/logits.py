@@ -43,7 +43,7 @@ class PresenceFrequencyPenalty(LogitsProcessor):
     def __init__(self, presence: float, frequency: float, prompt_len: int) -> None:
         self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         new = input_ids[:, self.prompt_len:]  # left padding gives every row the same prompt length
         if new.shape[1] == 0:
             return scores
@@ -134,7 +134,7 @@ class RowSampler(LogitsProcessor):
             g.manual_seed(seed % 2**64 if seed is not None else int(torch.randint(2**62, (1,))))
             self.generators.append(g)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.warpers(input_ids, scores.float()), dim=-1)
         picked = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
         out = torch.full_like(scores, float("-inf"))

@@ -10,7 +10,9 @@ whose head does something new stops the run with both numbers instead of trainin
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,21 +40,12 @@ class LossModel(torch.nn.Module):
         self.fused = fused
         # what FSDP wraps one by one (its auto-wrap policy reads this from the root module it is given)
         self._no_split_modules = getattr(_causal(peft_model), "_no_split_modules", None)
-        if autocast_dtype is not None:
-            # fp32 LoRA weights on a bf16 base: peft would cast every activation to fp32 and back (17% of a CPU
-            # step); under autocast the small LoRA weights are cast instead and the activations stay bf16
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for m in peft_model.modules():
-                if isinstance(m, BaseTunerLayer):
-                    m.cast_input_dtype_enabled = False
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reference: bool = False,
                 **kw: torch.Tensor) -> torch.Tensor:
         """Summed loss over the positions where `targets != IGNORE`. `reference=True`: the model's own forward."""
         causal = _causal(self.peft_model)
-        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
+        with low_precision(self.peft_model, input_ids.device.type, self.autocast_dtype):
             if reference or not self.fused:
                 # transformers' loss shifts labels itself; `shift_labels` takes our already-shifted targets as they are
                 n = (targets != IGNORE).sum()
@@ -66,6 +59,21 @@ class LossModel(torch.nn.Module):
                 return _ce_sum(causal, h, t)
             return sum(checkpoint(_ce_sum, causal, h[i: i + self.chunk], t[i: i + self.chunk], use_reentrant=False)
                        for i in range(0, h.shape[0], self.chunk))
+
+
+@contextlib.contextmanager
+def low_precision(model: torch.nn.Module, device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast to `dtype` (None: off) with peft's input casting off, for every forward of a model in training.
+
+    fp32 LoRA weights on a bf16 base: peft would cast every activation to fp32 and back (17% of a CPU step); under
+    autocast the small LoRA weights are cast instead and the activations stay bf16. A recompute in backward
+    (checkpointing) runs outside this block with peft's casting on, and gives the same numbers: autocast casts
+    the fp32 copy back to bf16 before each matmul."""
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model, active=dtype is not None), \
+            torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        yield
 
 
 def _causal(model: Any) -> Any:

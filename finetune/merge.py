@@ -22,9 +22,11 @@ def merge_run(run: str | Path, out: str | Path | None = None, atol: float = 1e-3
     if (Path(run) / "model" / "config.json").exists() and (Path(run) / "config.yaml").exists():
         raise MergeError(f"{run} is a full fine-tune: {Path(run) / 'model'} already is the whole model (a plain "
                          "transformers folder); there is no adapter to merge.")
+    from peft import PeftModel
+
     loaded = load_run(run, dtype=dtype, device="cpu")
     model, tok = loaded.model, loaded.tokenizer
-    if not hasattr(model, "merge_and_unload"):
+    if not isinstance(model, PeftModel):
         raise MergeError(f"{run} is not a run with an adapter: nothing to merge.")
     msgs = [{"role": "user", "content": "Which standard-library module defines `dumps`?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) if tok.chat_template else "Hi"

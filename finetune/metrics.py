@@ -29,8 +29,9 @@ def detect_labels(answers: list[str]) -> list[str] | None:
     return sorted(counts)
 
 
-def resolve_labels(setting: str | list[str], answers: list[str]) -> list[str] | None:
-    """`data.labels`: `auto` (detect), `off`, or an explicit list."""
+def resolve_labels(setting: str | bool | list[str], answers: list[str]) -> list[str] | None:
+    """`data.labels` as Config validated it: `auto` (detect), `off`, or an explicit list (the field's bool, YAML's
+    bare on/off, is mapped to `auto` / `off` on load)."""
     if isinstance(setting, list):
         return list(dict.fromkeys(setting))
     return None if setting == "off" else detect_labels(answers)

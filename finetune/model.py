@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def embedded_gguf_path() -> Path:
         ) from e
     for f in dist.files or []:
         if str(f).endswith(_EMBEDDED_FILE):
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))
     raise ModelLoadError(f"`{_EMBEDDED_DIST}` is installed but has no {_EMBEDDED_FILE}; reinstall it with --no-deps.")
 
 
@@ -85,22 +90,69 @@ def materialize_gguf(gguf: Path) -> Path:
     return out
 
 
+SourceKind = Literal["embedded", "run", "adapter", "model_dir", "gguf", "hub"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a model name from a config, a command line or a chain YAML points at, decided in one place."""
+
+    kind: SourceKind
+    """`run` (config.yaml + adapter/, or model/ for a full fine-tune), `adapter` (a bare adapter folder), `model_dir`
+    (a Hugging Face or merged model folder), `gguf` (a .gguf file), `embedded` (the shipped SmolLM2), `hub` (an id
+    for the Hugging Face Hub)."""
+    location: str
+    """The resolved local path; for `embedded` and `hub`, the name as given."""
+    name: str
+    """For display: the folder or file name, or the name as given."""
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Source:
+    """Classify a model name without loading anything. A name that looks like a local path but is not there fails
+    here, with the folders next to it, instead of being sent to the Hub and failing with a network error."""
+    text = str(source)
+    if text.lower() in EMBEDDED_ALIASES:
+        return Source("embedded", text, text)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        p = p.resolve()
+        if (p / "config.yaml").exists() and not (p / "config.json").exists():
+            return Source("run", str(p), p.name)
+        if (p / "adapter_config.json").exists():
+            return Source("adapter", str(p), p.name)
+        if (p / "config.json").exists():
+            return Source("model_dir", str(p), p.name)
+        raise ModelLoadError(f"{p} is a folder, but not a run (config.yaml + adapter/), an adapter "
+                             "(adapter_config.json) or a Hugging Face model folder (config.json).")
+    if p.suffix == ".gguf" and p.is_file():
+        return Source("gguf", str(p.resolve()), p.name)
+    if p.exists():
+        raise ModelLoadError(f"{p} is a file but not a .gguf model: pass a .gguf file, or the folder of a run or model.")
+    looks_local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or p.suffix == ".gguf"
+                   or (p.parent != Path(".") and p.parent.is_dir()))
+    if looks_local:
+        near = sorted(x.name for x in p.parent.iterdir() if x.is_dir())[:10] if p.parent.is_dir() else []
+        hint = f" Folders in {p.parent}: {', '.join(near)}." if near else ""
+        raise ModelLoadError(
+            f"No run or model at {text}.{hint} Pass a run folder (config.yaml + adapter/; runs live under their "
+            f"config's output_dir, default runs/), a merged or Hugging Face model folder, a .gguf file, a hub id "
+            f"(org/name), or `{EMBEDDED_ALIASES[0]}`; train one with `tunesmith train configs/quickstart.yaml`."
+        )
+    return Source("hub", text, text)
+
+
 def resolve_base_model(name: str) -> str:
     """Turn a `base_model` value into something `from_pretrained` can load (a folder, or a hub id)."""
-    if name.lower() in EMBEDDED_ALIASES:
+    src = resolve_source(name)
+    if src.kind == "embedded":
         return str(materialize_gguf(embedded_gguf_path()))
-    p = Path(name).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise ModelLoadError(f"GGUF file not found: {p}. Check the `base_model` path.")
-        return str(materialize_gguf(p.resolve()))
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise ModelLoadError(f"{p} is a folder but has no config.json: it is not a Hugging Face model folder.")
-        return str(p.resolve())
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"Model folder not found: {p}. Check the `base_model` path.")
-    return name  # a hub id: let transformers fetch it (needs network)
+    if src.kind == "gguf":
+        return str(materialize_gguf(Path(src.location)))
+    if src.kind in ("run", "adapter"):
+        raise ModelLoadError(f"{src.location} is a tunesmith {src.kind} folder, not a base model. Load it with "
+                             f"load_run / `tunesmith chat`, or merge it (`tunesmith merge {name}`) and use the merged "
+                             "folder as `base_model`.")
+    return src.location  # a model folder, or a hub id: transformers fetches it (needs network or the HF cache)
 
 
 def _hub_error(name: str, e: Exception) -> ModelLoadError:
@@ -113,20 +165,27 @@ def _hub_error(name: str, e: Exception) -> ModelLoadError:
     )
 
 
+_DNS_TTL_S = 60.0
+"""How long one answer to "does huggingface.co resolve?" is reused: a load asks several times (tokenizer, model)."""
+_dns: tuple[float, bool] | None = None
+_clock = time.monotonic
+
+
 def _offline_kw(path: str) -> dict[str, Any]:
-    """For a hub id with no route to the Hub, use the local HF cache only: fail in a second, not after retries."""
+    """For a hub id with no route to the Hub, this call uses the local HF cache only: it fails in a second, not after
+    retries. Only this call: the global HF_HUB_OFFLINE is never set, so a DNS hiccup in a long-running server does
+    not cut it off the Hub for good; the answer is reused for `_DNS_TTL_S` seconds."""
     if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE"):
         return {}
-    import socket
-
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
-        return {}
-    except OSError:  # no DNS for the Hub: this process is offline, tell huggingface_hub so it stops retrying
-        import huggingface_hub.constants as hub_constants
-
-        hub_constants.HF_HUB_OFFLINE = True
-        return {"local_files_only": True}
+    global _dns
+    now = _clock()
+    if _dns is None or now - _dns[0] > _DNS_TTL_S:
+        try:
+            socket.getaddrinfo("huggingface.co", 443)
+            _dns = (now, True)
+        except OSError:
+            _dns = (now, False)
+    return {} if _dns[1] else {"local_files_only": True}
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -183,7 +242,8 @@ def load_base_model(
     except OSError as e:
         raise _hub_error(name, e) from e
     if not load_in_4bit:
-        model.to(device)
+        # transformers wraps `to` in functools.wraps, which mypy reads as an unbound function (self expected)
+        model.to(device)  # type: ignore[arg-type]
     return model
 
 
@@ -211,7 +271,7 @@ def _qlora_config(dtype: torch.dtype) -> Any:
 class LoadedRun:
     """A model ready for inference: base (+ adapter) or merged, with its tokenizer and where it came from."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | PeftModel
     tokenizer: PreTrainedTokenizerBase
     name: str
     base_model: str
@@ -240,38 +300,37 @@ def load_run(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # bf16 where the hardware has it: on an idle 2-core AVX512-BF16 CPU, decoding ran 25.8 tok/s vs 16.6 in fp32
     dtype = dtype or pick_dtype("auto", device)
-    src = Path(source).expanduser()
+    resolved = resolve_source(source)
+    src = Path(resolved.location)
     run_dir: Path | None = None
     cfg: dict[str, Any] = {}
-    if src.is_dir() and (src / "config.yaml").exists() and not (src / "config.json").exists():
+    if resolved.kind == "run":
         run_dir = src
         import yaml
 
         cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
         adapter_dir = src / (adapter or "adapter")
         if adapter is None and (src / "model" / "config.json").exists():  # a full fine-tune: the whole model
-            model = load_base_model(str(src / "model"), dtype=dtype, device=device,
-                                    trust_remote_code=bool(cfg.get("trust_remote_code")))
+            model: PreTrainedModel | PeftModel = load_base_model(
+                str(src / "model"), dtype=dtype, device=device, trust_remote_code=bool(cfg.get("trust_remote_code")))
             model.eval()
-            tok = AutoTokenizer.from_pretrained(str(src / "tokenizer"))
+            tok: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(src / "tokenizer"))
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
-            return LoadedRun(model, tok, _display_name(str(src)), str(cfg.get("base_model")), src, cfg)
+            return LoadedRun(model, tok, resolved.name, str(cfg.get("base_model")), src, cfg)
         if not (adapter_dir / "adapter_config.json").exists():
             raise ModelLoadError(
                 f"{src} has no finished adapter at {adapter_dir}. Is the run still training or was it killed? "
                 f"Resume it with `tunesmith train {src / 'config.yaml'} --resume`, or pick a checkpoint with "
                 f"--adapter checkpoints/step-N."
             )
-    elif src.is_dir() and (src / "adapter_config.json").exists():
+    elif resolved.kind == "adapter":
         adapter_dir = src
-    elif src.exists() or str(source).lower() in EMBEDDED_ALIASES or not str(source).startswith((".", "/", "~")):
-        model = load_base_model(str(source), dtype=dtype, device=device)
-        tok = load_tokenizer(str(source))
-        model.eval()
-        return LoadedRun(model, tok, _display_name(str(source)), str(source), None, {})
     else:
-        raise ModelLoadError(f"No run or model at {src}. Runs live under the config's output_dir (default runs/).")
+        model = load_base_model(resolved.location, dtype=dtype, device=device)
+        tok = load_tokenizer(resolved.location)
+        model.eval()
+        return LoadedRun(model, tok, resolved.name, str(source), None, {})
 
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model") or acfg.get("base_model_name_or_path")
@@ -285,12 +344,7 @@ def load_run(
     tok = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir else load_tokenizer(base)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    name = _display_name(str(run_dir or adapter_dir))
-    return LoadedRun(model, tok, name, base, run_dir, cfg)
-
-
-def _display_name(source: str) -> str:
-    return Path(source).name if os.sep in source or Path(source).exists() else source
+    return LoadedRun(model, tok, resolved.name, base, run_dir, cfg)
 
 
 def check_adapter_matches_base(adapter_dir: Path, base: str) -> None:

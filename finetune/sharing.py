@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -78,12 +78,12 @@ def _per_call_layers(model: torch.nn.Module) -> list[torch.nn.Module] | None:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import AuxiliaryTrainingWrapper
 
-    layers = []
+    layers: list[torch.nn.Module] = []
     for m in model.modules():
         if isinstance(m, AuxiliaryTrainingWrapper):  # modules_to_save / trainable tokens: no per-call switch
             return None
         if isinstance(m, BaseTunerLayer):
-            if type(m) not in (Linear, Embedding) or m.merged or any(m.use_dora.values()):
+            if not (type(m) is Linear or type(m) is Embedding) or m.merged or any(m.use_dora.values()):
                 return None
             layers.append(m)
     return layers or None
@@ -94,7 +94,9 @@ class AdapterSwitch:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.has_adapter = hasattr(model, "disable_adapter")
+        self._disable_adapter: Callable[[], contextlib.AbstractContextManager[Any]] | None = getattr(
+            model, "disable_adapter", None)  # peft's switch; None without an adapter
+        self.has_adapter = self._disable_adapter is not None
         layers = _per_call_layers(model) if self.has_adapter else None
         self.per_call = layers is not None
         """True when base and tuned calls run concurrently; False when base mode takes the model alone."""
@@ -104,7 +106,8 @@ class AdapterSwitch:
 
     @contextlib.contextmanager
     def use(self, adapter: bool) -> Iterator[None]:
-        base = not adapter and self.has_adapter
+        off = None if adapter else self._disable_adapter
+        base = off is not None
         if self.per_call:
             before = getattr(_local, "base", False)
             _local.base = base
@@ -115,7 +118,7 @@ class AdapterSwitch:
             return
         self._lock.acquire(exclusive=base)
         try:
-            with self.model.disable_adapter() if base else contextlib.nullcontext():
+            with off() if off is not None else contextlib.nullcontext():
                 yield
         finally:
             self._lock.release(exclusive=base)

@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .config import Config, ConfigError, config_to_dict, load_config, read_yaml, save_config
 from .errors import TrainingError
@@ -27,7 +27,7 @@ from .errors import TrainingError
 if TYPE_CHECKING:
     import optuna
 
-DIRECTIONS = {"eval_loss": "minimize", "eval_accuracy": "maximize"}
+DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {"eval_loss": "minimize", "eval_accuracy": "maximize"}
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "train.lr": {"low": 1e-5, "high": 2e-3, "log": True},
@@ -264,7 +264,8 @@ def _has_labels(cfg: Config) -> bool:
 
 def _no_labels(where: Any) -> str:
     return (f"--metric eval_accuracy needs classification data, but the answers in {where} are not a label set. "
-            "Use --metric eval_loss, or list the labels in the config (data.labels: [yes, no]).")
+            "Use --metric eval_loss, or list the labels in the config (data.labels: ['yes', 'no'], quoted: YAML "
+            "reads a bare yes as true).")
 
 
 def _save_base(cfg: Config, path: Path) -> Path:

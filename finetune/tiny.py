@@ -156,14 +156,14 @@ def build_tiny_run(out_dir: str | Path, base_dir: str | Path, seed: int = 0) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(seed)  # before get_peft_model: lora_A's init must not depend on which tests ran first
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(str(out / "adapter"))  # peft types the folder as str
     tok = AutoTokenizer.from_pretrained(base_dir)
     tok.save_pretrained(out / "tokenizer")
     (out / "chat_template.jinja").write_text(tok.chat_template or "")

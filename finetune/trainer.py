@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +50,10 @@ from .runs import (
     save_checkpoint,
     save_full_model,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +152,9 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     #    would round away most AdamW updates), computed in the low precision under autocast
     dtype = pick_dtype(t.precision, acc.device)
     full = cfg.finetuning_type == "full"
-    model = load_base_model(cfg.base_model, dtype=torch.float32 if full else dtype, device=acc.device,
-                            load_in_4bit=cfg.lora.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+    model: PreTrainedModel | PeftModel = load_base_model(
+        cfg.base_model, dtype=torch.float32 if full else dtype, device=acc.device, load_in_4bit=cfg.lora.load_in_4bit,
+        trust_remote_code=cfg.trust_remote_code)
     if full:
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -468,7 +473,7 @@ def _stop_on_signal() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         flag["stop"] = True
 
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, handler)

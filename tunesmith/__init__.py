@@ -25,3 +25,43 @@ def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:
         return value
 
     return __getattr__
+
+
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "chains": ("langchain_core", "langchain", "langchain_text_splitters", "faiss"),
+    "ui": ("gradio", "fastapi", "uvicorn", "langchain_core", "langchain", "langchain_text_splitters", "faiss"),
+    "export": ("xllamacpp",),
+    "trackers": ("tensorboard", "mlflow"),
+    "bench": ("trl",),
+}
+"""The modules each optional extra of pyproject.toml installs: the core (training, eval, merge, chat) needs none."""
+
+
+class MissingExtraError(ImportError):
+    """A command needs an optional part that is not installed; the message names the extra to install."""
+
+    def __init__(self, extra: str, modules: list[str], what: str) -> None:
+        super().__init__(f"{what} needs {', '.join(modules)}, from the optional [{extra}] extra: "
+                         f"pip install 'tunesmith[{extra}]'")
+
+
+def extra_of(module: str | None) -> str | None:
+    """The extra that installs `module` (a dotted name is looked up by its top-level package), or None."""
+    top = (module or "").partition(".")[0]
+    return next((extra for extra, modules in EXTRAS.items() if top in modules), None)
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Stop before any work (loading a model takes seconds) when `extra`'s packages are missing, naming the fix;
+    an ImportError deep inside a command would name a module, not what to install."""
+    from importlib.util import find_spec
+
+    def absent(module: str) -> bool:
+        try:
+            return find_spec(module) is None
+        except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+            return True
+
+    missing = [m for m in EXTRAS[extra] if absent(m)]
+    if missing:
+        raise MissingExtraError(extra, missing, what)

@@ -8,13 +8,15 @@ import os
 import sys
 from typing import Any
 
+from tunesmith import MissingExtraError, extra_of, require_extra
+
 
 def _train(a: argparse.Namespace) -> int:
     from tunesmith.finetune import load_config, train
 
     cfg = load_config(a.config, a.overrides)
     if a.dry_run:
-        from tunesmith.finetune.estimate import dry_run
+        from tunesmith.finetune import dry_run
 
         print(dry_run(cfg))
         return 0
@@ -23,7 +25,7 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from tunesmith.finetune.evaluate import evaluate_run, format_table, save_result
+    from tunesmith.finetune import evaluate_run, format_table, save_result
 
     labels = [x.strip() for x in a.labels.split(",") if x.strip()] if a.labels else None
     res = evaluate_run(a.run, a.data, max_new_tokens=a.max_new_tokens, limit=a.limit, compare_base=not a.no_base,
@@ -35,24 +37,57 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _merge(a: argparse.Namespace) -> int:
-    from tunesmith.finetune.merge import merge_run
+    from tunesmith.finetune import merge_run
 
     res = merge_run(a.run, a.out)
     print(f"merged model written to {res['path']} (max |logit diff| vs base+adapter: {res['max_abs_logit_diff']:.2e})")
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from tunesmith.finetune import export_gguf
+
+    res = export_gguf(a.run, quant=a.quant, out=a.out, llamacpp_check=not a.no_llamacpp_check)
+    print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {res.quant}, pre-tokenizer {res.pre_tokenizer})")
+    print(f"  transformers reads it back: top-1 token agrees at {res.agreement:.0%} of {res.positions} probe positions "
+          f"(max |logit diff| {res.max_abs_logit_diff:.3g})")
+    if res.llamacpp:
+        c = res.llamacpp
+        print(f"  llama.cpp answers the probe {'as transformers does' if c['same_answer'] else 'differently'} "
+              f"(finish: {c['finish_reason']}): {c['llamacpp_answer'][:70]!r}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    if res.modelfile:
+        from pathlib import Path
+
+        print(f"wrote {res.modelfile}; create the Ollama model with:\n  ollama create "
+              f"{Path(res.path).stem.lower()} -f {res.modelfile}")
+    if res.model_card:
+        print(f"wrote {res.model_card} (model card)")
+    return 0
+
+
+def _push(a: argparse.Namespace) -> int:
+    from tunesmith.finetune import push_run
+
+    print(f"pushed to {push_run(a.run, a.repo, merged=a.merged, gguf=a.gguf, private=a.private)}")
+    return 0
+
+
 def _sweep(a: argparse.Namespace) -> int:
-    from tunesmith.finetune.sweep import sweep
+    from tunesmith.finetune import sweep
 
     sweep(a.config, a.trials, metric=a.metric, space=a.space, out=a.out, overrides=a.overrides, seed=a.seed)
     return 0
 
 
 def _chat(a: argparse.Namespace) -> int:
-    from tunesmith.finetune.generate import GenerationParams, load_generator
+    from tunesmith.finetune import GenerationParams, load_generator
 
-    gen = load_generator(a.run)
+    if a.base and a.engine == "llama.cpp":
+        print("error: --base needs --engine transformers: the llama.cpp engine serves the merged model.", file=sys.stderr)
+        return 2
+    gen = load_generator(a.run, engine=a.engine)
     params = GenerationParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                               repetition_penalty=a.repetition_penalty, use_adapter=not a.base)
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
@@ -91,9 +126,7 @@ def _chat(a: argparse.Namespace) -> int:
 
 
 def _preview(a: argparse.Namespace) -> int:
-    from tunesmith.finetune import load_config
-    from tunesmith.finetune.data import DataReport, build_examples, format_preview, load_records
-    from tunesmith.finetune.model import load_tokenizer
+    from tunesmith.finetune import DataReport, build_examples, format_preview, load_config, load_records, load_tokenizer
 
     if a.source.endswith((".yaml", ".yml")):
         cfg = load_config(a.source, a.overrides)
@@ -103,7 +136,7 @@ def _preview(a: argparse.Namespace) -> int:
         files = [a.source]
     tok = load_tokenizer(cfg.base_model)
     if cfg.data.chat_template:
-        from tunesmith.finetune.data import resolve_chat_template
+        from tunesmith.finetune import resolve_chat_template
 
         tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
     records = load_records(files)[a.start: a.start + a.n]
@@ -151,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="default: RUN/merged")
     m.set_defaults(func=_merge)
 
+    x = sub.add_parser("export", help="write a verified GGUF for llama.cpp / Ollama, a Modelfile and a model card")
+    x.add_argument("run", help="a finished run, a merged model folder, or `embedded`")
+    x.add_argument("--format", choices=["gguf"], default="gguf")
+    x.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16")
+    x.add_argument("--out", default=None, help="a .gguf file or a folder (default: RUN/gguf/NAME-QUANT.gguf)")
+    x.add_argument("--no-llamacpp-check", action="store_true",
+                   help="skip llama.cpp's own check even when xllamacpp is installed")
+    x.set_defaults(func=_export)
+
+    ph = sub.add_parser("push", help="upload a run (adapter, model card; --merged, --gguf) to the Hugging Face Hub")
+    ph.add_argument("run")
+    ph.add_argument("--repo", required=True, help="user/name on the Hub")
+    ph.add_argument("--merged", action="store_true", help="also the merged model (merged/)")
+    ph.add_argument("--gguf", action="store_true", help="also RUN/gguf/*.gguf and the Modelfile (gguf/)")
+    ph.add_argument("--private", action="store_true")
+    ph.set_defaults(func=_push)
+
     w = sub.add_parser("sweep", help="hyperparameter search with Optuna: each trial a run, resumable")
     w.add_argument("config", help="YAML config every trial starts from")
     w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
@@ -171,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--top-p", type=float, default=0.95)
     c.add_argument("--repetition-penalty", type=float, default=1.1)
+    c.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="llama.cpp: serve the run's GGUF (exported on first use) through the xllamacpp wheel")
     c.set_defaults(func=_chat)
 
     d = sub.add_parser("data", help="inspect training data")
@@ -220,14 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
+        if getattr(args, "extra", None):  # `ui`, `serve`, `chain`: their optional packages, before any model loads
+            require_extra(args.extra, f"`tunesmith {args.command}`")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a user error: one clear line, not a traceback (use -v for the traceback)
-        from tunesmith.chains.errors import ChainError
-        from tunesmith.finetune.errors import USER_ERRORS
+        from tunesmith.chains import ChainError
+        from tunesmith.finetune import USER_ERRORS
 
-        if isinstance(e, (*USER_ERRORS, ChainError)) and not args.verbose:
+        extra = extra_of(e.name) if isinstance(e, ModuleNotFoundError) else None
+        if extra:  # an optional package imported deep inside a command
+            e = MissingExtraError(extra, [str(e.name)], f"`tunesmith {args.command}`")
+        if isinstance(e, (*USER_ERRORS, ChainError, MissingExtraError)) and not args.verbose:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

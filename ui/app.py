@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
-from tunesmith.finetune.generate import Completion, GenerationParams
-from tunesmith.finetune.model import ModelLoadError
+from tunesmith.finetune import Completion, GenerationParams, ModelLoadError, fit_context, merge_streams
 
 from .documents import MAX_FILE_BYTES, DocAnswer, ask_documents
-from .pool import ModelPool, UnknownModelError, fit_context
-from .streaming import merge_streams
+from .pool import ModelPool, UnknownModelError
 
 log = logging.getLogger("tunesmith.ui")
 
@@ -67,14 +65,16 @@ class Turns:
     `claim`s it, so a chain whose Send was refused runs nothing, and `release`s it when done. Stop sets the
     armed turn's cancel event, so it reaches the running reply whatever else the user clicked meanwhile. A turn
     armed but never claimed (the queue turned the generation step away) is given up after `stale_s` seconds.
+    Sessions are keyed by gradio's `request.session_hash`, which is None for a request without a session: such
+    requests share one slot.
     """
 
     def __init__(self, stale_s: float = 600.0) -> None:
         self._lock = threading.Lock()
-        self._turns: dict[str, _Turn] = {}
+        self._turns: dict[str | None, _Turn] = {}
         self.stale_s = stale_s
 
-    def arm(self, session: str) -> bool:
+    def arm(self, session: str | None) -> bool:
         with self._lock:
             old = self._turns.get(session)
             if old is not None and (old.claimed or time.monotonic() - old.armed_at < self.stale_s):
@@ -82,7 +82,7 @@ class Turns:
             self._turns[session] = _Turn()
             return True
 
-    def claim(self, session: str) -> _Turn | None:
+    def claim(self, session: str | None) -> _Turn | None:
         with self._lock:
             turn = self._turns.get(session)
             if turn is None or turn.claimed:
@@ -90,17 +90,17 @@ class Turns:
             turn.claimed = True
             return turn
 
-    def release(self, session: str, turn: _Turn) -> None:
+    def release(self, session: str | None, turn: _Turn) -> None:
         turn.cancel.set()  # an error or a closed page: stop whatever still runs
         with self._lock:
             if self._turns.get(session) is turn:
                 del self._turns[session]
 
-    def busy(self, session: str) -> bool:
+    def busy(self, session: str | None) -> bool:
         with self._lock:
             return session in self._turns
 
-    def stop(self, session: str, clear: bool = False) -> bool:
+    def stop(self, session: str | None, clear: bool = False) -> bool:
         with self._lock:
             turn = self._turns.get(session)
         if turn is None:

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from tunesmith.finetune.generate import Completion, GenerationParams, Generator, Prompt
+from tunesmith.finetune import Completion, GenerationParams, Generator, Prompt
 
 
 @dataclass

@@ -20,12 +20,14 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--concurrency", type=int, default=4, help="generations running at once; others queue")
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory at once (least recent dropped)")
+    p.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="llama.cpp: serve runs through their GGUF (exported on first use; needs xllamacpp)")
 
 
 def _pool(a: argparse.Namespace) -> ModelPool:  # imported lazily so `tunesmith --help` stays fast
     from .pool import ModelPool
 
-    return ModelPool(a.runs_dir, default=a.run, max_loaded=a.max_loaded)
+    return ModelPool(a.runs_dir, default=a.run, max_loaded=a.max_loaded, engine=a.engine)
 
 
 def _parse_auth(value: str) -> tuple[str, str]:
@@ -74,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _common(u, port=7860)
     u.add_argument("--auth", default=None, type=_parse_auth, metavar="USER:PASSWORD", help="require this login")
     u.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs --auth)")
-    u.set_defaults(func=_ui, serving=True)
+    u.set_defaults(func=_ui, serving=True, extra="ui")  # extra: checked first by tunesmith.cli
 
     s = subparsers.add_parser("serve", help="OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
                                             "/v1/embeddings, /v1/models")
@@ -84,4 +86,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--cors-origins", default=None, metavar="ORIGINS",
                    help="comma-separated web origins allowed to call the API from a browser, e.g. "
                         "http://localhost:3000 (`*` for any); off by default")
-    s.set_defaults(func=_serve, serving=True)
+    s.set_defaults(func=_serve, serving=True, extra="ui")

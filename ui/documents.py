@@ -17,7 +17,7 @@ from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
-from tunesmith.finetune.generate import GenerationParams, Generator
+from tunesmith.finetune import GenerationParams, Generator
 
 ALLOWED_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".csv", ".json", ".jsonl", ".html", ".htm", ".py")
 """Text formats only (a `.py` file is indexed as text, never run)."""
@@ -81,15 +81,15 @@ def ask_documents(gen: Generator, folder: str | Path, question: str, params: Gen
     answer a small model gives, and `params`' sampling plays no part); otherwise the answer is generated with
     `params`, and `on_token` gets its text as it streams. An exception raised by `on_token` ends the generation
     at once (that is how Stop reaches it) and propagates."""
-    from tunesmith.chains import TunedChatModel, as_chat_model, rag_chain
+    from tunesmith.chains import load_chat_model, rag_chain
 
-    chat = as_chat_model(gen, params)
-    if on_token is not None and isinstance(chat, TunedChatModel):
+    chat = load_chat_model(gen).with_params(params)
+    if on_token is not None:
         chat = chat.model_copy(update={"streaming": True})  # `invoke` then reports each token to the callbacks
     # the index goes inside the session folder, so it is deleted with it (and rebuilt only when uploads change)
     chain = rag_chain(folder, chat, index_dir=Path(folder) / ".index", suffixes=ALLOWED_SUFFIXES,
                       extractive=extractive)
-    callbacks = [_TokenSink(on_token)] if on_token is not None else []
+    callbacks: list[BaseCallbackHandler] = [_TokenSink(on_token)] if on_token is not None else []
     result = chain.invoke(question, config={"callbacks": callbacks})
     return DocAnswer(str(result["answer"]), [_source_line(s) for s in result["sources"]])
 
@@ -101,15 +101,14 @@ class _TokenSink(BaseCallbackHandler):
     def __init__(self, on_token: Callable[[str], None]) -> None:
         self.on_token = on_token
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        self.on_token(token)
+    def on_llm_new_token(self, token: str | list[str | dict[str, Any]], **kwargs: Any) -> None:
+        if isinstance(token, str):  # a list of content blocks comes from other chat models, never TunedChatModel's
+            self.on_token(token)
 
 
 def _source_line(doc: Document) -> str:
-    """A retrieved passage as one line: `file: first words`."""
-    source = doc.metadata.get("source")
-    snippet = " ".join(doc.page_content.split())[:160]
-    return f"{Path(str(source)).name}: {snippet}" if source else snippet
+    """A retrieved passage as one line: `file: first words` (the rag chain names every passage's file)."""
+    return f"{Path(doc.metadata['source']).name}: {' '.join(doc.page_content.split())[:160]}"
 
 
 def _clean_name(name: str) -> str:

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.finetune.generate import Completion, GeneratedLogprob, Generator
+from tunesmith.finetune import Completion, GeneratedLogprob, Generator
 
 
 class RequestError(ValueError):
@@ -127,7 +127,7 @@ def plan_tools(gen: Generator, messages: list[dict[str, Any]], tools: list[dict[
         functions[fn["name"]] = fn
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
-        if name not in functions:
+        if not isinstance(name, str) or name not in functions:
             raise RequestError(f"tool_choice names {name!r}, which is not in tools ({sorted(functions)}).",
                                "tool_choice")
         chosen = [name]
@@ -136,7 +136,9 @@ def plan_tools(gen: Generator, messages: list[dict[str, Any]], tools: list[dict[
     else:
         raise RequestError(f"tool_choice {tool_choice!r} is not one of 'none', 'auto', 'required' or "
                            "{'type': 'function', 'function': {'name': ...}}.", "tool_choice")
-    prompt = gen.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    # list(): transformers types `tools` as list[dict | Callable], which a list[dict] is not (lists are invariant)
+    prompt = gen.tokenizer.apply_chat_template(messages, tools=list(tools), tokenize=False, add_generation_prompt=True)
+    assert isinstance(prompt, str)  # tokenize=False renders text; transformers types the result of every mode
     forced = tool_choice not in (None, "auto")
     schema = _call_schema([functions[n] for n in chosen]) if forced else None
     if schema is not None:
@@ -148,7 +150,8 @@ def _call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
     """`{"name": ..., "arguments": {...}}` for one of `functions`, each name with its own parameters' schema.
 
     Nested models' `$defs` move to the top: lm-format-enforcer resolves `$ref` against the root schema only."""
-    options, defs = [], {}
+    options: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
     for fn in functions:
         params = dict(fn.get("parameters") or {"type": "object"})
         for name, definition in params.pop("$defs", {}).items():

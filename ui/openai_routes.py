@@ -15,7 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -78,7 +78,13 @@ class EmbeddingRequest(BaseModel):
 def _prompts(req: CompletionRequest, gen: Generator) -> list[str | list[int]]:
     """The request's prompts as text or token-id lists (checked against the vocabulary)."""
     p = req.prompt
-    prompts: list[str | list[int]] = [p] if isinstance(p, str) else ([p] if p and isinstance(p[0], int) else list(p))
+    prompts: list[str | list[int]]
+    if isinstance(p, str):
+        prompts = [p]
+    elif p and isinstance(p[0], int):  # one prompt of token ids (pydantic made every item an int)
+        prompts = [cast("list[int]", p)]
+    else:  # several prompts
+        prompts = list(cast("list[str] | list[list[int]]", p))
     if not prompts:
         raise ApiError(400, "prompt is an empty list; send a string or a list of strings.", param="prompt")
     vocab = len(gen.tokenizer)
@@ -104,7 +110,7 @@ def _params(req: CompletionRequest) -> GenerationParams:
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(400, "max_tokens=0 without echo returns nothing; ask for max_tokens >= 1, or set echo=true "
                             "to get the prompt's logprobs back.", param="max_tokens")
-    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+    given: dict[str, Any] = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "presence_penalty": req.presence_penalty,
              "frequency_penalty": req.frequency_penalty}
     stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
@@ -122,6 +128,14 @@ def _check_text(text: str, where: str, param: str) -> None:
     except UnicodeEncodeError as e:
         raise ApiError(400, f"{where} is not valid Unicode text ({e.reason} at character {e.start}); send UTF-8 "
                             "text.", param=param) from None
+
+
+def _decode(gen: Generator, ids: list[int], skip_special_tokens: bool = False) -> str:
+    """The text of one sequence of token ids (transformers types `decode` as `str | list[str]`: a batch gives a
+    list)."""
+    text = gen.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)
+    return text
 
 
 def _fit(gen: Generator, n_prompt: int, max_tokens: int, asked: bool, i: int) -> int:
@@ -150,8 +164,8 @@ def _logprobs_json(lp: TokenLogprobs | None, generated: list[_Generated], prompt
     tokens: list[str] = list(lp.tokens) if lp else []
     values: list[float | None] = list(lp.token_logprobs) if lp else []
     offsets = list(lp.text_offset) if lp else []
-    tops: list[dict[str, float] | None] = [None if top is None else {tok: v, **top} for tok, v, top in
-                                           zip(tokens, values, lp.top_logprobs)] if lp else []
+    tops: list[dict[str, float | None] | None] = [None if top is None else {tok: v, **top} for tok, v, top in
+                                                  zip(tokens, values, lp.top_logprobs)] if lp else []
     at = prompt_chars
     for tok, v, top, chars in generated:
         tokens.append(tok)
@@ -168,7 +182,7 @@ def _complete_one(gen: Generator, choice: ModelChoice, prompt: str | list[int], 
     """(choice text, logprobs object or None, completion) for one prompt; runs in a worker thread.
 
     `out` None: nothing was generated (max_tokens=0, or lm-eval's one greedy token, read off the prompt's pass)."""
-    text = prompt if isinstance(prompt, str) else gen.tokenizer.decode(prompt)
+    text = prompt if isinstance(prompt, str) else _decode(gen, prompt)
     top_n = req.logprobs or 0
     lp = None
     if greedy_one or (req.echo and req.logprobs is not None):
@@ -176,7 +190,7 @@ def _complete_one(gen: Generator, choice: ModelChoice, prompt: str | list[int], 
     generated: list[_Generated] = []
     if greedy_one:
         assert lp is not None and lp.next_id is not None and lp.next_logprob is not None
-        new, stopped = cut_at_stop(gen.tokenizer.decode([lp.next_id], skip_special_tokens=True), params.stop)
+        new, stopped = cut_at_stop(_decode(gen, [lp.next_id], skip_special_tokens=True), params.stop)
         out = Completion(new, len(lp.ids), 1, "stop" if lp.next_ends or stopped else "length")
         # listed even when it ends the text (EOS): lm-eval drops exactly one token after the prompt's
         generated = [(lp.next_token, lp.next_logprob, lp.next_top, len(new))]
@@ -247,8 +261,9 @@ def add_routes(app: FastAPI, load: Callable[[str | None], tuple[Generator, Model
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> JSONResponse:
-        texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not texts or not all(isinstance(t, str) for t in texts):
+        given = [req.input] if isinstance(req.input, str) else list(req.input)
+        texts = [t for t in given if isinstance(t, str)]
+        if not texts or len(texts) < len(given):
             raise ApiError(400, "input must be a string or a non-empty list of strings (token ids are not supported: "
                                 "send the text).", param="input")
         for i, t in enumerate(texts):
@@ -285,7 +300,7 @@ def _generate(gen: Generator, prompts: Sequence[str | list[int]], n: int, params
     text."""
     if params is None:
         return [None] * (len(prompts) * n)
-    texts = [q if isinstance(q, str) else gen.tokenizer.decode(q) for q in prompts]
+    texts = [q if isinstance(q, str) else _decode(gen, q) for q in prompts]
     if len(texts) * n == 1:
         return [batcher.generate(gen, texts[0], params)]
     if params.seed is None:  # identical params: one batch of every row

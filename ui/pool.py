@@ -13,14 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tunesmith.finetune.generate import (  # noqa: F401 - ContextError, fit_context: re-exported for ui/
-    ContextError,
-    GenerationParams,
-    Generator,
-    fit_context,
-    load_generator,
-)
-from tunesmith.finetune.model import ModelLoadError, is_run_dir
+from tunesmith.finetune import GenerationParams, Generator, ModelLoadError, is_run_dir, load_generator, resolve_source
 
 BASE_SUFFIX = ":base"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -52,8 +45,11 @@ class ModelPool:
     their reference until they finish). Loading happens once per source even when many users ask at once.
     """
 
-    def __init__(self, runs_dir: str | Path = "runs", default: str = "embedded", max_loaded: int = 2) -> None:
+    def __init__(self, runs_dir: str | Path = "runs", default: str = "embedded", max_loaded: int = 2,
+                 engine: str = "transformers") -> None:
         self.runs_dir = Path(runs_dir).expanduser().resolve()
+        self.engine = engine
+        """`transformers` or `llama.cpp` (finetune's load_generator): every model of this pool is served by it."""
         self.max_loaded = max(1, max_loaded)
         self.extra: dict[str, str] = {}
         """name -> source for models named on the command line (trusted: the operator typed them)."""
@@ -63,14 +59,15 @@ class ModelPool:
         self._lock = threading.Lock()
 
     def add_source(self, source: str) -> str:
-        """Register a command-line model (a run folder, `embedded`, a model folder); return its display name."""
-        p = Path(source).expanduser()
-        if p.is_dir() and p.resolve().parent == self.runs_dir and _SAFE_NAME.match(p.name):
-            return p.name  # a run inside the runs folder: listed by name anyway
-        name = p.name if p.exists() else source
+        """Register a command-line model (a run folder, `embedded`, a model folder, .gguf or hub id); return its
+        display name. finetune's `resolve_source` decides what it is, so a mistyped path fails at start-up."""
+        src = resolve_source(source)
+        if Path(src.location).parent == self.runs_dir and _SAFE_NAME.match(src.name) and is_run_dir(src.location):
+            return src.name  # a run inside the runs folder: listed by name anyway
+        name = src.name
         if not _SAFE_NAME.match(name):
             name = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.")[:128] or "model"
-        self.extra[name] = str(p.resolve()) if p.exists() else source
+        self.extra[name] = src.location
         return name
 
     # -- listing ---------------------------------------------------------------------------------------------
@@ -144,7 +141,8 @@ class ModelPool:
     def _load(self, choice: ModelChoice) -> Generator:
         """load_generator, with what goes wrong while loading said in words the user can act on."""
         try:
-            return load_generator(choice.source)
+            kw = {} if self.engine == "transformers" else {"engine": self.engine}
+            return load_generator(choice.source, **kw)
         except (ModelLoadError, OSError, ValueError) as e:  # HFValidationError: a folder gone mid-load reads as a hub id
             if self._vanished_run(choice):
                 raise UnknownModelError(

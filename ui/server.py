@@ -29,8 +29,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tunesmith.finetune.generate import Chunk, Completion, GeneratedLogprob, GenerationParams, Generator, Prompt
-from tunesmith.finetune.model import ModelLoadError
+from tunesmith.finetune import (
+    Chunk,
+    Completion,
+    ContextError,
+    GeneratedLogprob,
+    GenerationParams,
+    Generator,
+    ModelLoadError,
+    Prompt,
+    aiter_chunks,
+    fit_context,
+    merge_streams,
+)
 
 from .batching import Batcher
 from .openai_chat import (
@@ -44,8 +55,7 @@ from .openai_chat import (
     tool_fields,
     usage_json,
 )
-from .pool import BASE_SUFFIX, ContextError, ModelChoice, ModelPool, UnknownModelError, fit_context
-from .streaming import aiter_stream, merge_streams
+from .pool import BASE_SUFFIX, ModelChoice, ModelPool, UnknownModelError
 
 
 class ApiError(Exception):
@@ -123,7 +133,7 @@ def _params(req: ChatRequest, max_new_tokens: int, json_schema: dict[str, Any] |
         raise ApiError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
     # an empty stop string would match at once and end every answer after one token
     stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
-    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+    given: dict[str, Any] = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "repetition_penalty": req.repetition_penalty, "presence_penalty": req.presence_penalty,
              "frequency_penalty": req.frequency_penalty}
     try:
@@ -179,7 +189,7 @@ class _Guard:
         length = headers.get("content-length", "0")
         if error is None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             error = _too_large()
-        body = b""
+        body: bytes | None = b""
         if error is None:
             body, over = await _read_body(receive)
             if body is None:  # the client went away mid-upload: nobody to answer
@@ -378,7 +388,7 @@ async def _sse(gen: Generator, prompt: Prompt, per_choice: list[GenerationParams
             yield event(i, {"role": "assistant", "content": ""})
         streams = [_recorded(gen.stream(prompt, p, cancel=cancel), model, finished) for p in per_choice]
         outs: list[Completion] = []
-        async for i, chunk in aiter_stream(merge_streams(streams)):
+        async for i, chunk in aiter_chunks(merge_streams(streams), cancel):
             if chunk.text and plan is None:
                 yield event(i, {"content": chunk.text}, logprobs=chunk.logprobs)
             if not (chunk.done and chunk.completion is not None):

@@ -40,3 +40,11 @@ def test_api_latency_tiny_prints_table():
     out = _run("api_latency.py")
     assert "whole / streamed" in out
     assert "| tunesmith | idle |" in out and "| spin | busy |" in out
+
+
+def test_gguf_bench_tiny_prints_table():
+    import pytest
+
+    pytest.importorskip("xllamacpp", reason="the GGUF benchmark needs the xllamacpp wheel")
+    out = _run("gguf_bench.py", "--quants", "f16,q8_0")
+    assert "generate: raw" in out and "stream: raw" in out and "q8_0" in out

@@ -35,7 +35,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("kind: rag\ndocs_dir: d\nlabels: [a, b]\n", r"`labels` is not used by kind: rag \(it is for classify\)"),
     ("kind: classify\n", r"kind: classify needs `labels`"),
     ("kind: chat\n", r"`kind` must be one of"),
-    ("kind: classify\nlabels: [a, b]\nparams: {max_new_tokens: lots}\n", r"`params.max_new_tokens` must be int"),
+    ("kind: classify\nlabels: [a, b]\nparams: {max_new_tokens: lots}\n", r"`params.max_new_tokens` must be an integer"),
     ("kind: classify\nlabels: [a, b]\nfallback: c\n", r"`fallback` 'c' is not one of the labels"),
     ("kind: extract\nfields: {name: string}\n", r"fields.name: 'string' is not usable"),
     ("kind: [oops\n", r"chain.yaml line 2: not valid YAML"),

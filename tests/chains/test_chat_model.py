@@ -19,7 +19,7 @@ from tunesmith.chains.chat_model import to_chat
 
 
 def _generate_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name in ("tunesmith-generate", "tunesmith-astream") and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name in ("tunesmith-generate", "tunesmith-pump") and t.is_alive()]
 
 
 def _wait_no_generate_thread(timeout: float) -> float:

@@ -159,3 +159,9 @@ def test_bytes_that_never_make_a_character_still_stream(tiny_gen):
     params = GenerationParams(max_new_tokens=60, temperature=0)
     chunks = list(tiny_gen.stream([{"role": "user", "content": "ü"}], params))
     assert "".join(c.text for c in chunks) == chunks[-1].completion.text
+
+
+def test_a_vanishing_temperature_decodes_greedily(tiny_gen):
+    """Hypothesis sent temperature 2.3e-246 to the API: the logits overflowed and sampling raised (a 500)."""
+    greedy = tiny_gen.generate(MSG, GenerationParams(max_new_tokens=8, temperature=0)).text
+    assert tiny_gen.generate(MSG, GenerationParams(max_new_tokens=8, temperature=2.2565441121788957e-246)).text == greedy

@@ -108,7 +108,7 @@ def test_bad_space_and_metric_fail_before_training(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("train.lrr: {low: 1.0e-5, high: 1.0e-3, log: true}\n")
     with pytest.raises(ConfigError, match=r"space.yaml: `train.lrr: 1e-05` is not a valid setting: unknown key "
-                                          r"`train.lrr`. Did you mean `lr`"):
+                                          r"`train.lrr`. Did you mean `train.lr`"):
         sweep(cfg, trials=1, metric="eval_loss", space=space)
     space.write_text("train.epochs: {low: 1, high: 3, int: true}\n")
     with pytest.raises(ConfigError, match="space.yaml: `train.epochs` is searched, but train.max_steps=3"):

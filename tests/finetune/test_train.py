@@ -191,13 +191,19 @@ def test_loss_model_is_the_hf_loss_and_bf16_costs_no_accuracy(tiny_model_dir, tm
 
     s16 = setup(_cfg(tiny_model_dir, tmp_path / "b", *packed, "train.precision=bf16"))
     s16.model.load_state_dict(s32.model.state_dict(), strict=False)
-    (s16.loss_model(**inputs) / n_targets).backward()
-    g_ours16 = _lora_grads(s16.model)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for m in s16.model.modules():  # as peft runs under TRL: activations cast to the fp32 LoRA dtype, then autocast
-        if isinstance(m, BaseTunerLayer):
-            m.cast_input_dtype_enabled = True
+    lora = next(m for m in s16.model.modules() if isinstance(m, BaseTunerLayer))
+    casting: list[bool] = []
+    hook = lora.register_forward_pre_hook(lambda m, args: casting.append(m.cast_input_dtype_enabled))
+    (s16.loss_model(**inputs) / n_targets).backward()
+    hook.remove()
+    assert casting and not any(casting)  # bf16 activations reach the LoRA matmuls uncast (under autocast)
+    g_ours16 = _lora_grads(s16.model)
+
+    # our forward switches peft's input casting off only while it runs (peft.helpers.disable_input_dtype_casting):
+    # outside it, the model is as peft runs under TRL, activations cast to the fp32 LoRA dtype, then autocast
+    assert all(m.cast_input_dtype_enabled for m in s16.model.modules() if isinstance(m, BaseTunerLayer))
     _hf_loss(s16, inputs).backward()
     g_hf16 = _lora_grads(s16.model)
 
@@ -235,3 +241,20 @@ def test_full_finetune_changes_base_and_saves_a_loadable_model(tiny_model_dir, t
     assert gen.generate([{"role": "user", "content": "hi"}]).completion_tokens > 0
     with pytest.raises(FileExistsError):
         setup(_cfg(tiny_model_dir, out, "finetuning_type=full"))
+
+
+def test_smoothed_loss_is_debiased_and_keeps_up_with_short_runs():
+    """The bar and loss.png share one smoother: a constant stays constant from step 1, and on a short run with a
+    falling loss the smoothed value stays within a step or two of the raw one (the old fixed 10-step EMA ended
+    ~9 steps behind: 2.57 on the bar when the last step was 1.79)."""
+    from tunesmith.finetune.runs import Smoothed
+
+    const = Smoothed(100)
+    assert all(abs(const.add(2.5) - 2.5) < 1e-12 for _ in range(20))
+    raw = [3.0 - 0.04 * i for i in range(30)]  # 3.0 -> 1.84 over 30 steps
+    smooth = Smoothed(len(raw))
+    out = [smooth.add(x) for x in raw]
+    assert out[0] == raw[0] and abs(out[-1] - raw[-1]) <= 2 * 0.04
+    long = Smoothed(2000)  # a long run averages over more steps (50): noise is smoothed out
+    noisy = [2.0 + (0.5 if i % 2 else -0.5) for i in range(200)]
+    assert abs([long.add(x) for x in noisy][-1] - 2.0) < 0.05

@@ -35,7 +35,6 @@ def test_upload_names_cannot_leave_the_folder(tmp_path):
 def test_source_lines():
     doc = Document(page_content="Paris is\n the capital.", metadata={"source": "/tmp/x/notes.md"})
     assert _source_line(doc) == "notes.md: Paris is the capital."
-    assert _source_line(Document(page_content="no file")) == "no file"
 
 
 def test_pdf_is_refused_with_a_reason(tmp_path):
