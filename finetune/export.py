@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 from .errors import ExportError
 from .gguf_tokenizer import add_tokenizer, tokenizer_metadata
@@ -129,7 +130,7 @@ def _load_merged(source: str | os.PathLike[str]) -> tuple[Any, Any]:
                           "--resume`, then export.")
     loaded = load_run(source, dtype=torch.float32, device="cpu")
     model = loaded.model
-    if hasattr(model, "merge_and_unload"):
+    if isinstance(model, PeftModel):
         with torch.no_grad():
             model = model.merge_and_unload()
     model.eval()
@@ -224,7 +225,8 @@ def _write(path: Path, model: Any, arch: str, quant: str, meta: dict[str, Any], 
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)))
+    theta: Any = rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+    w.add_rope_freq_base(float(theta))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_rope_dimension_count(head_dim)
     if head_dim * n_head != cfg.hidden_size:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .logits import GeneratedLogprob, RowSampler, _token_text, completion_logprobs, generate_kwargs, token_key
 from .model import LoadedRun, load_run
@@ -142,7 +143,7 @@ def context_length(gen: Generator) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def fit_context(gen: Generator, messages: Messages, max_new_tokens: int | None, default: int) -> tuple[int, int]:
+def fit_context(gen: Generator, messages: Prompt, max_new_tokens: int | None, default: int) -> tuple[int, int]:
     """(prompt tokens, max_new_tokens to use) for `messages`, or ContextError: a prompt is never cut silently.
 
     A `max_new_tokens` asked for explicitly must fit beside the prompt (as OpenAI answers, 400 otherwise); the
@@ -184,7 +185,7 @@ class _Watch(StoppingCriteria):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if self.cancel is not None and self.cancel.is_set():
             self.cancelled = True
-            return done | True
+            return cast(torch.BoolTensor, done | True)
         if self.stop:
             for i in range(new.shape[0]):
                 # only the last few tokens can complete a new stop string
@@ -192,7 +193,7 @@ class _Watch(StoppingCriteria):
                 if any(s in tail for s in self.stop):
                     self.hit_stop.add(i)
                     done[i] = True
-        return done
+        return cast(torch.BoolTensor, done)
 
 
 def stable_text(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -245,7 +246,9 @@ class Generator:
                 f"{self.name}'s tokenizer has no chat template; pass a plain string prompt or set data.chat_template "
                 "when training."
             )
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False renders one conversation to text
+        return text
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -309,7 +312,12 @@ class Generator:
         return lambda _row, ids: enforcer.get_allowed_tokens(ids.tolist()).allowed_tokens
 
     def _decode_json_prefix(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids).rstrip("\ufffd")  # half a UTF-8 character is not text yet
+        return self._decode(ids, skip_special_tokens=False).rstrip("\ufffd")  # half a UTF-8 character is no text yet
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -337,8 +345,9 @@ class Generator:
             processors = extra.setdefault("logits_processor", LogitsProcessorList())
             processors.append(RowSampler(len(prompts), p.temperature, p.top_p, p.top_k, p.seed, self.device))
         with self._adapter.use(p.use_adapter), cpu_share() as watch.share, torch.inference_mode():
-            out = self.model.generate(**enc, **self._gen_kwargs(p), **constraint, **extra,
-                                      stopping_criteria=StoppingCriteriaList([watch]))
+            # a causal LM (or its peft wrapper) generates; PreTrainedModel alone does not declare `generate`
+            out = cast(GenerationMixin, self.model).generate(**enc, **self._gen_kwargs(p), **constraint, **extra,
+                                                             stopping_criteria=StoppingCriteriaList([watch]))
         out, raw_logits = (out.sequences, out.logits) if p.logprobs else (out, None)
         results = []
         eos = set(self._eos_ids())
@@ -350,7 +359,7 @@ class Generator:
                 new = new[: ended + 1]
             while new and new[-1] == self.tokenizer.pad_token_id and new[-1] not in eos:
                 new.pop()
-            text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), p.stop)
+            text, stopped = cut_at_stop(self._decode(new), p.stop)
             if watch.cancelled:
                 reason = "cancelled"
             elif ended is not None or stopped or i in watch.hit_stop:
@@ -402,7 +411,7 @@ class Generator:
                 tokens[-1] += text[at:]
         else:
             ids = [int(i) for i in text]
-            tokens = [self.tokenizer.decode([i]) for i in ids]
+            tokens = [self._decode([i], skip_special_tokens=False) for i in ids]
             offsets = [0, *itertools.accumulate(len(t) for t in tokens)][:-1]
         if not ids:
             raise ValueError("the text is empty: there is no token to score")
@@ -413,7 +422,9 @@ class Generator:
         with self._adapter.use(use_adapter), cpu_share(), torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0]
         target = torch.tensor(ids[1:] + [0], device=logits.device)
-        picked, tops, best = [], [], []
+        picked: list[float] = []
+        tops: list[dict[str, float]] = []
+        best_id, best_lp = 0, 0.0
         for s in range(0, len(ids), 512):  # log_softmax over the vocabulary in slices: (tokens, vocab) floats add up
             lp = torch.log_softmax(logits[s: s + 512].float(), -1)
             picked += lp.gather(-1, target[s: s + 512, None])[:, 0].tolist()
@@ -422,11 +433,11 @@ class Generator:
                 tops += [self._top(row_i, row_v) for row_i, row_v in zip(i.tolist(), v.tolist())]
             if s + 512 >= len(ids):
                 v, i = lp[-1].max(-1)
-                best = [int(i), float(v)]
-        top = [None] + (tops[:-1] if top_n else [{} for _ in ids[1:]])
-        return TokenLogprobs(ids, tokens, offsets, [None] + picked[:-1], top, best[0], best[1],
-                             tops[-1] if top_n else {}, best[0] in self._eos_ids(),
-                             token_key(*_token_text(self.tokenizer, best[0])))
+                best_id, best_lp = int(i), float(v)
+        top: list[dict[str, float] | None] = [None, *(tops[:-1] if top_n else [{} for _ in ids[1:]])]
+        return TokenLogprobs(ids, tokens, offsets, [None, *picked[:-1]], top, best_id, best_lp,
+                             tops[-1] if top_n else {}, best_id in self._eos_ids(),
+                             token_key(*_token_text(self.tokenizer, best_id)))
 
     def _top(self, ids: list[int], logprobs: list[float]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -435,7 +446,7 @@ class Generator:
         return out
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None,
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+               cancel: threading.Event | None = None) -> abc.Generator[Chunk, None, None]:
         """Yield text as it is generated. Closing the iterator early (or setting `cancel`) stops generation."""
         p = params or GenerationParams()
         cancel = cancel or threading.Event()

@@ -63,7 +63,8 @@ def pre_tokenizer_name(tok: Any) -> str:
     parts = pre.get("pretokenizers") or []
     if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
             and not parts[1].get("use_regex")):
-        name = _SPLIT_REGEXES.get((parts[0].get("pattern") or {}).get("Regex"))
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        name = _SPLIT_REGEXES.get(regex) if isinstance(regex, str) else None
         if name:
             return name
     raise ExportError(

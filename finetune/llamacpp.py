@@ -287,13 +287,14 @@ class LlamaCppGenerator:
 def load_llamacpp(source: str | os.PathLike[str], quant: str = "f16", **kw: Any) -> LlamaCppGenerator:
     """A .gguf file as it is, or a run / merged folder / `embedded` through its GGUF: exported (and checked) once,
     to RUN/gguf/NAME-QUANT.gguf (other models: the tunesmith cache), and reused until the adapter is retrained."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     from .model import cache_dir, load_tokenizer, resolve_source
 
     src = resolve_source(source)
     if src.kind == "gguf":
-        tok = AutoTokenizer.from_pretrained(str(Path(src.location).parent), gguf_file=Path(src.location).name)
+        tok: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(Path(src.location).parent),
+                                                                     gguf_file=Path(src.location).name)
         return LlamaCppGenerator(src.location, tok, src.name, {}, **kw)
     if src.kind in ("adapter", "hub"):
         raise ModelLoadError(f"--engine llama.cpp serves a run, a merged folder, `embedded` or a .gguf file; {source} "

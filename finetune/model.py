@@ -13,7 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from peft import PeftModel
+    from peft import PeftModelForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _qlora_config(dtype: torch.dtype) -> Any:
 class LoadedRun:
     """A model ready for inference: base (+ adapter) or merged, with its tokenizer and where it came from."""
 
-    model: PreTrainedModel | PeftModel
+    model: PreTrainedModel | PeftModelForCausalLM
     tokenizer: PreTrainedTokenizerBase
     name: str
     base_model: str
@@ -311,7 +311,7 @@ def load_run(
         cfg = yaml.safe_load((src / "config.yaml").read_text()) or {}
         adapter_dir = src / (adapter or "adapter")
         if adapter is None and (src / "model" / "config.json").exists():  # a full fine-tune: the whole model
-            model: PreTrainedModel | PeftModel = load_base_model(
+            model: PreTrainedModel | PeftModelForCausalLM = load_base_model(
                 str(src / "model"), dtype=dtype, device=device, trust_remote_code=bool(cfg.get("trust_remote_code")))
             model.eval()
             tok: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(src / "tokenizer"))
@@ -338,7 +338,8 @@ def load_run(
         raise ModelLoadError(f"{adapter_dir}/adapter_config.json does not say which base model it was trained on.")
     check_adapter_matches_base(adapter_dir, base)
     model = load_base_model(base, dtype=dtype, device=device, trust_remote_code=bool(cfg.get("trust_remote_code")))
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    # a causal-LM adapter (task_type CAUSAL_LM, as tunesmith writes) loads as PeftModelForCausalLM, with `generate`
+    model = cast("PeftModelForCausalLM", PeftModel.from_pretrained(model, str(adapter_dir)))
     model.eval()
     tok_dir = run_dir / "tokenizer" if run_dir and (run_dir / "tokenizer").exists() else None
     tok = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir else load_tokenizer(base)

@@ -281,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         from tunesmith.chains import ChainError
         from tunesmith.finetune import USER_ERRORS
 
-        extra = extra_of(e.name) if isinstance(e, ModuleNotFoundError) else None
+        missing = e.name if isinstance(e, ModuleNotFoundError) else None
+        extra = extra_of(missing) if missing else None
         if extra:  # an optional package imported deep inside a command
-            e = MissingExtraError(extra, [str(e.name)], f"`tunesmith {args.command}`")
+            e = MissingExtraError(extra, [str(missing)], f"`tunesmith {args.command}`")
         if isinstance(e, (*USER_ERRORS, ChainError, MissingExtraError)) and not args.verbose:
             print(f"error: {e}", file=sys.stderr)
             return 2

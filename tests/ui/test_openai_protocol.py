@@ -246,18 +246,22 @@ TOOL_TEMPLATE = (
 def tool_api(api, tiny_run_dir, tmp_path_factory):
     """The tiny run with a Hermes-style template that lists `tools` (as Qwen 2.5's does), served like `api`."""
     import shutil
-    import sys
+    import socket
 
     from tunesmith.ui.pool import ModelPool
     from tunesmith.ui.server import build_api
 
-    conftest = sys.modules[type(api).__module__]  # tests/ui/conftest.py: its LiveApi and free_port
+    # tests/ui/conftest.py's live-server class, taken from the fixture's object: every conftest is a module named
+    # `conftest`, so with tests/chains collected too, `sys.modules["conftest"]` is another one
+    live_api = type(api)
     run = tmp_path_factory.mktemp("tool-runs") / "tool-run"
     shutil.copytree(tiny_run_dir, run)
     for f in run.rglob("chat_template.jinja"):
         f.write_text(TOOL_TEMPLATE)
-    with conftest.LiveApi(build_api(ModelPool(run.parent, default=str(run)), concurrency=2),
-                          conftest.free_port()) as live:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with live_api(build_api(ModelPool(run.parent, default=str(run)), concurrency=2), port) as live:
         yield live
 
 
