@@ -127,6 +127,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+
     from tunesmith.finetune import GenerationParams, load_generator
 
     with tempfile.TemporaryDirectory(prefix="chat_bench-") as d:

@@ -22,6 +22,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
+
 from tunesmith.finetune import read_records, resolve_base_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -210,6 +210,7 @@ def main() -> int:
     a = ap.parse_args()
 
     import uvicorn
+
     from tunesmith.ui.app import build_app, launch
     from tunesmith.ui.pool import ModelPool
     from tunesmith.ui.server import build_api

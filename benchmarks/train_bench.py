@@ -165,6 +165,7 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
 def _eval_adapter(adapter: str, max_length: int, limit: int) -> float:
     """The same held-out loss for every adapter: tunesmith's tokenization and masking, fp32, unpacked."""
     import torch
+
     from tunesmith.finetune import DataReport, build_examples, load_generator, load_records
     from tunesmith.finetune.config import DataConfig
     from tunesmith.finetune.evaluate import eval_loss

@@ -27,6 +27,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, model_validator
+
 from tunesmith.finetune import Completion, GenerationParams, Generator, ModelLoadError, aiter_chunks, load_generator
 
 from .errors import ChainModelError

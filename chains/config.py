@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel, create_model
-from tunesmith.finetune import ConfigError, GenerationParams, build_section, check_values, read_yaml
 
+from tunesmith.finetune import ConfigError, GenerationParams, build_section, check_values, read_yaml
 from tunesmith.resources import config_names, find_config, resolve_path, shipped_root
 
 from .errors import ChainConfigError, ChainModelError

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable
+
 from tunesmith.finetune import DataError, read_records
 
 from .config import ChainConfig, main_input_key

@@ -29,6 +29,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_text_splitters import MarkdownTextSplitter, RecursiveCharacterTextSplitter
+
 from tunesmith.finetune import GenerationParams, Generator, cache_dir
 
 from .chat_model import TunedChatModel, as_chat_model

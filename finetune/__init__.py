@@ -15,8 +15,8 @@ This package is the only door `chains/`, `ui/` and the CLI use (a test checks th
   once), `load_run`, `LoadedRun`, `load_tokenizer`, `resolve_base_model`, `is_run_dir` (a finished run),
   `EMBEDDED_ALIASES`, `cache_dir` (where tunesmith caches), `ModelLoadError`.
 - generation: `load_generator`, `Generator`, `GenerationParams`, `Completion`, `Chunk`, `Prompt`, token
-  log-probabilities (`TokenLogprobs`, `GeneratedLogprob`, `token_key`), `cut_at_stop`, and the context window
-  (`context_length`, `fit_context`, `ContextError`).
+  log-probabilities (`TokenLogprobs`, `GeneratedLogprob`, `token_key`), `cut_at_stop`, the context window
+  (`context_length`, `fit_context`, `ContextError`), and `UnsupportedRequest` (what an engine cannot serve).
 - streams: `aiter_chunks` (a blocking stream, awaited on the event loop) and `merge_streams` (several streams
   read as their chunks come): the one thread-to-queue pump of the UI, the API and LangChain's `astream`.
 - jobs: `train`, `sweep`, `evaluate_run` (+ `format_table`, `save_result`), `merge_run` (`MergeError`), `dry_run`,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
         read_records,
         resolve_chat_template,
     )
-    from .errors import USER_ERRORS, ExportError, MergeError, ModelLoadError
+    from .errors import USER_ERRORS, ExportError, MergeError, ModelLoadError, UnsupportedRequest
     from .estimate import dry_run
     from .evaluate import evaluate_run, format_table, save_result
     from .export import QUANTS, ExportResult, export_gguf
@@ -93,7 +93,7 @@ _WHERE = {
                      "read_yaml", "save_config"], ".config"),
     **dict.fromkeys(["DataError", "DataReport", "Record", "build_examples", "format_preview", "load_records",
                      "read_records", "resolve_chat_template"], ".data"),
-    **dict.fromkeys(["USER_ERRORS", "ExportError", "MergeError", "ModelLoadError"], ".errors"),
+    **dict.fromkeys(["USER_ERRORS", "ExportError", "MergeError", "ModelLoadError", "UnsupportedRequest"], ".errors"),
     **dict.fromkeys(["QUANTS", "ExportResult", "export_gguf"], ".export"),
     "push_run": ".push",
     "dry_run": ".estimate",
@@ -113,7 +113,7 @@ __all__ = [
     "Chunk", "Completion", "Config", "ConfigError", "ContextError", "DataError", "DataReport", "EMBEDDED_ALIASES",
     "ExportError", "ExportResult", "QUANTS", "export_gguf", "push_run",
     "GeneratedLogprob", "GenerationParams", "Generator", "LoadedRun", "MergeError", "ModelLoadError", "Prompt",
-    "Record", "Source", "TokenLogprobs", "USER_ERRORS", "aiter_chunks", "build_examples", "build_section",
+    "Record", "Source", "TokenLogprobs", "USER_ERRORS", "UnsupportedRequest", "aiter_chunks", "build_examples", "build_section",
     "cache_dir", "check_values", "context_length", "cut_at_stop", "dry_run", "evaluate_run", "fit_context",
     "format_preview", "format_table", "is_run_dir", "load_config", "load_generator", "load_records", "load_run",
     "load_tokenizer", "merge_run", "merge_streams", "parse_override", "read_records", "read_yaml",

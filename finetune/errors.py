@@ -22,6 +22,11 @@ class ExportError(RuntimeError):
     not reproduce the model; the message names the file and what differs."""
 
 
+class UnsupportedRequest(ValueError):
+    """A request the loaded engine cannot serve (scoring, echo logprobs or base-model answers on llama.cpp): the
+    caller's choice to change, so front ends answer it as a bad request (400), not as a server failure."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (the loss is not finite, fp16 overflows); the message says which setting fixes it."""
 

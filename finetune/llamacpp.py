@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import ExportError, ModelLoadError
+from .errors import ExportError, ModelLoadError, UnsupportedRequest
 from .generate import Chunk, Completion, GenerationParams, Prompt
 from .logits import GeneratedLogprob
 from .streams import thread_stream
@@ -183,7 +183,7 @@ class LlamaCppGenerator:
 
     def _request(self, text: str, p: GenerationParams, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         if not p.use_adapter:
-            raise ValueError("use_adapter=False needs the transformers engine (--engine transformers): the llama.cpp "
+            raise UnsupportedRequest("use_adapter=False needs the transformers engine (--engine transformers): the llama.cpp "
                              "engine serves the merged model.")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.n_ctx:
@@ -278,10 +278,11 @@ class LlamaCppGenerator:
                 yield Chunk("", done=True, completion=val, logprobs=val.logprobs) if kind == "done" else Chunk(val)
 
     def score(self, *a: Any, **kw: Any) -> Any:
-        raise ValueError("scoring answers needs the transformers engine (--engine transformers).")
+        raise UnsupportedRequest("scoring answers needs the transformers engine (--engine transformers).")
 
     def prompt_logprobs(self, *a: Any, **kw: Any) -> Any:
-        raise ValueError("log-probabilities of a prompt (echo) need the transformers engine (--engine transformers).")
+        raise UnsupportedRequest("log-probabilities of a prompt (echo) need the transformers engine "
+                                 "(--engine transformers).")
 
 
 def load_llamacpp(source: str | os.PathLike[str], quant: str = "f16", **kw: Any) -> LlamaCppGenerator:

@@ -41,6 +41,7 @@ def tiny_gen(tiny_run_dir: Path):
     """In fp32: batched (left-padded) and single greedy answers are compared token for token, and in bf16 the padding
     shifts rounding enough to flip a random model's near-tied logits."""
     import torch
+
     from tunesmith.finetune.generate import load_generator
 
     return load_generator(tiny_run_dir, dtype=torch.float32)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
+
 from tunesmith.finetune import Completion, GenerationParams, ModelLoadError, fit_context, merge_streams
 
 from .documents import MAX_FILE_BYTES, DocAnswer, ask_documents

@@ -17,6 +17,7 @@ from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
+
 from tunesmith.finetune import GenerationParams, Generator
 
 ALLOWED_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".csv", ".json", ".jsonl", ".html", ".htm", ".py")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
+
 from tunesmith.finetune import GenerationParams, ModelLoadError
 
 from .app import GENERATE, Messages, Turns, _params, _pool_message, _text, _Turn, log, sampling_sliders

@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+
 from tunesmith.finetune import (
     Completion,
     ContextError,

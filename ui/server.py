@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from tunesmith.finetune import (
     Chunk,
     Completion,
@@ -38,6 +39,7 @@ from tunesmith.finetune import (
     Generator,
     ModelLoadError,
     Prompt,
+    UnsupportedRequest,
     aiter_chunks,
     fit_context,
     merge_streams,
@@ -263,6 +265,14 @@ def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4,
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return _validation_error(e).response()
+
+    @app.exception_handler(ContextError)
+    async def _context(request: Request, e: ContextError) -> JSONResponse:  # found while generating (llama.cpp)
+        return ApiError(400, str(e), param=e.param, code="context_length_exceeded").response()
+
+    @app.exception_handler(UnsupportedRequest)
+    async def _unsupported(request: Request, e: UnsupportedRequest) -> JSONResponse:  # what this engine cannot do
+        return ApiError(400, str(e)).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:  # OpenAI's shape, never a traceback

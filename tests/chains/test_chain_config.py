@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tunesmith.chains import ChainConfigError, build_chain, load_chain_config
 from tunesmith.chains.config import CONFIG_DIRS, extraction_schema
-
 from tunesmith.cli import main
 
 SHIPPED = sorted(CONFIG_DIRS[1].glob("*.yaml"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage
+
 from tunesmith.chains import ChainModelError, TunedChatModel, load_chat_model
 from tunesmith.chains.chat_model import to_chat
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tunesmith.chains import DocumentsError, FaissStore, PromptVariableError, build_index, load_documents, rag_chain
 from tunesmith.chains.rag import split_documents
 

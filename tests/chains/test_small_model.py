@@ -9,15 +9,15 @@ from typing import Literal
 
 import pytest
 from pydantic import BaseModel
+
 from tunesmith.chains import OutputParseError, classify_chain, extract_chain, load_chat_model, rag_chain
 from tunesmith.chains.chat_model import to_chat
 from tunesmith.chains.evaluate import load_cases, score_case
 from tunesmith.chains.extract import MAX_STRING, decoding_schema
 from tunesmith.chains.pipelines import classify_prompt
 from tunesmith.chains.rag import split_sentences
-from tunesmith.finetune.generate import GenerationParams
-
 from tunesmith.cli import main
+from tunesmith.finetune.generate import GenerationParams
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "chains"
 LABELS = ["bug", "feature", "question", "not sure"]

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
+
 from tunesmith.chains import TunedChatModel
 
 

@@ -14,6 +14,7 @@ import sys
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
+
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.trainer import fit, setup
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunesmith.finetune.config import DataConfig
 from tunesmith.finetune.data import (
     CHATML_TEMPLATE,

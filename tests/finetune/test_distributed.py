@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.trainer import train
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tunesmith.finetune.config import ConfigError, load_config
 from tunesmith.finetune.errors import TrainingError
 from tunesmith.finetune.trainer import fit, setup, train

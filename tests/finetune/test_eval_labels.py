@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.metrics import detect_labels, label_metrics, resolve_labels
 

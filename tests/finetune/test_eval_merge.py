@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from tunesmith.finetune.evaluate import evaluate_run, format_table
 from tunesmith.finetune.merge import merge_run
 from tunesmith.finetune.metrics import rouge_l

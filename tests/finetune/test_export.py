@@ -10,6 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunesmith.finetune import export as export_mod
 from tunesmith.finetune.errors import ExportError
 from tunesmith.finetune.export import MIN_AGREEMENT, export_gguf, probe_ids
@@ -252,9 +253,8 @@ def test_push_offline_fails_fast_naming_the_fix(tiny_run_dir, monkeypatch):
 
 
 def test_engine_flag_reaches_load_generator(monkeypatch, tmp_path):
-    from tunesmith.ui import pool as pool_mod
-
     from tunesmith.cli import parse_args
+    from tunesmith.ui import pool as pool_mod
 
     for cmd in ("chat", "serve", "ui"):
         assert parse_args([cmd, "--engine", "llama.cpp"]).engine == "llama.cpp"

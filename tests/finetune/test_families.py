@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.data import IGNORE, Example, collate, examples_in
 from tunesmith.finetune.generate import GenerationParams, load_generator

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
+
 from tunesmith.finetune.config import ConfigError, DataConfig, load_config
 from tunesmith.finetune.data import DataError, DataReport, build_examples, load_records
 

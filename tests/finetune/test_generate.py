@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from tunesmith.finetune.generate import GenerationParams, load_generator
 
 MSG = [{"role": "user", "content": "hello there"}]

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from tunesmith.finetune.export import export_gguf
 from tunesmith.finetune.generate import GenerationParams, load_generator
 
@@ -90,3 +91,19 @@ def test_embedded_quickstart_run_exports_and_llamacpp_stops_at_eos(tmp_path):
     reply = gen.generate([{"role": "user", "content": "Which module defines dumps?"}],
                          GenerationParams(max_new_tokens=64, temperature=0))
     assert reply.finish_reason == "stop" and reply.text.strip()
+
+
+def test_api_answers_what_llamacpp_cannot_serve_with_400(cpp, tiny_run_dir):
+    """Scoring (echo + logprobs) and base-model answers need transformers: a 400 naming the fix, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from tunesmith.ui.pool import ModelPool
+    from tunesmith.ui.server import build_api
+
+    pool = ModelPool(tiny_run_dir.parent, default=str(tiny_run_dir), engine="llama.cpp")
+    client = TestClient(build_api(pool))
+    r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1, "echo": True, "logprobs": 1,
+                                             "temperature": 0})
+    assert r.status_code == 400 and "--engine transformers" in r.json()["error"]["message"], r.text
+    ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert ok.status_code == 200, ok.text

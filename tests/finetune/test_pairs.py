@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoTokenizer
+
 from tunesmith.finetune.data import IGNORE, DataError, DataReport, Example, Record, read_records
 from tunesmith.finetune.pairs import (
     Pair,

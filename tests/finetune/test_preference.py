@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunesmith.finetune.data import IGNORE, Record
 from tunesmith.finetune.pairs import collate_pairs, parse_record, tokenize_pair
 from tunesmith.finetune.preference import (

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tunesmith.finetune.config import ConfigError
 from tunesmith.finetune.rewards import (
     Reward,
@@ -181,6 +182,7 @@ def test_grpo_toy_learns_to_emit_the_rewarded_token(tiny_model_dir) -> None:
     reward prefers gets likelier, also relative to the other tokens the sampler could pick at the start."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tunesmith.finetune.data import IGNORE
     from tunesmith.finetune.generate import GenerationParams, Generator
     from tunesmith.finetune.model import LoadedRun
@@ -228,6 +230,7 @@ def test_grpo_toy_learns_to_emit_the_rewarded_token(tiny_model_dir) -> None:
 def test_grpo_batch_with_nothing_trained_gives_zero_loss_not_a_crash(tiny_model_dir) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tunesmith.finetune.data import IGNORE
     from tunesmith.finetune.pairs import collate_sequences, tokenize_samples
     from tunesmith.finetune.preference import token_logps

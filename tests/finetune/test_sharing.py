@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
 from tunesmith.finetune.generate import GenerationParams
 from tunesmith.finetune.sharing import AdapterSwitch, _RWLock, cpu_share
 

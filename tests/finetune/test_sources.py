@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from tunesmith.finetune import ModelLoadError, resolve_source
 from tunesmith.finetune import model as model_mod
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
-from tunesmith.finetune import ConfigError, load_config, save_config, sweep
-from tunesmith.finetune.sweep import sample
 
 from tunesmith.cli import main
+from tunesmith.finetune import ConfigError, load_config, save_config, sweep
+from tunesmith.finetune.sweep import sample
 
 ROOT = Path(__file__).parents[2]
 REVIEWS = [("a great movie, I loved it", "positive"), ("boring and far too long", "negative"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.data import IGNORE
 from tunesmith.finetune.trainer import fit, setup, train
@@ -220,6 +221,7 @@ def test_full_finetune_changes_base_and_saves_a_loadable_model(tiny_model_dir, t
     """finetuning_type=full trains every weight (fp32 master weights) and writes RUN/model, a plain transformers
     folder that load_run / load_generator pick up with no adapter."""
     from transformers import AutoModelForCausalLM
+
     from tunesmith.finetune.generate import load_generator
 
     out = tmp_path / "full"

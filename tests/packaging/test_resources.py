@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tunesmith.chains.config import find_chain_config, load_chain_config
 from tunesmith.finetune.config import ConfigError, load_config
-
 from tunesmith.resources import find_config, resolve_path, shipped_path, shipped_root
 
 ROOT = Path(__file__).parents[2]

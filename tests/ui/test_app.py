@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from gradio_client import Client
+
 from tunesmith.finetune.generate import GenerationParams
 from tunesmith.ui.app import _for_model, _plain, _text, _user_index
 
@@ -85,6 +86,7 @@ def test_sliders_and_chat_api_start_from_generation_params(pool):
     import inspect
 
     import gradio as gr
+
     from tunesmith.ui.app import DEFAULTS, build_app
 
     d = GenerationParams()
@@ -115,6 +117,7 @@ def test_trained_system_prompt_is_read_from_the_run(tmp_path, tiny_run_dir, tiny
     import shutil
 
     import yaml
+
     from tunesmith.finetune.generate import load_generator
 
     assert tiny_gen.system_prompt is None  # the tiny run was trained without one
@@ -126,9 +129,8 @@ def test_trained_system_prompt_is_read_from_the_run(tmp_path, tiny_run_dir, tiny
 
 
 def test_share_needs_a_login(capsys):
-    from tunesmith.ui.app import launch
-
     from tunesmith.cli import main
+    from tunesmith.ui.app import launch
 
     assert main(["ui", "--share"]) == 2
     assert "--auth USER:PASSWORD" in capsys.readouterr().err

@@ -205,6 +205,7 @@ def test_a_deleted_run_falls_back_on_refresh(browser, tmp_path, tiny_run_dir):
     import shutil
 
     import yaml
+
     from tunesmith.ui.app import build_app, launch
     from tunesmith.ui.pool import ModelPool
 

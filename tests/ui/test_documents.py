@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from langchain_core.documents import Document
+
 from tunesmith.ui.documents import ALLOWED_SUFFIXES, _source_line, list_documents, store_uploads
 
 

@@ -11,6 +11,7 @@ import openai
 import pytest
 import torch
 from pydantic import BaseModel
+
 from tunesmith.finetune.generate import GenerationParams
 from tunesmith.finetune.logits import PresenceFrequencyPenalty
 

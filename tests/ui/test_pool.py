@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+
 from tunesmith.finetune.generate import GenerationParams
 from tunesmith.ui.pool import ModelPool, UnknownModelError
 
@@ -58,6 +59,7 @@ def test_a_run_deleted_while_loading_is_said_in_words(tmp_path, tiny_run_dir, mo
     """What transformers raises when the folder vanishes mid-load (HFValidationError: the path is read as a hub id)
     must reach the user as "removed while it was loading", not as the raw exception."""
     from huggingface_hub.errors import HFValidationError
+
     from tunesmith.ui import pool as pool_mod
 
     runs = tmp_path / "runs"

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+
 from tunesmith.finetune.generate import GenerationParams
 
 MSG = [{"role": "user", "content": "hello there"}]

@@ -23,6 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
+
 from tunesmith.finetune.generate import GenerationParams
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "lm_eval"
