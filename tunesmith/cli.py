@@ -263,10 +263,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    if getattr(args, "serving", False) and not ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)):
+    passive = getattr(args, "serving", False) and getattr(args, "engine", "transformers") == "transformers"
+    if passive and not ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)):
         # before torch loads: OpenMP threads that wait sleep instead of spinning. A server shares the machine, and
         # a spinning thread burns the time slice its descheduled partner needs (a 24-token reply took 18 s beside
-        # a parallel job instead of 2 s; see finetune/sharing.py and benchmarks/api_latency.py)
+        # a parallel job instead of 2 s; see finetune/sharing.py and benchmarks/api_latency.py). Not for llama.cpp:
+        # its ggml threads share libgomp and decode at half speed when they sleep at every barrier (50 -> 22 tok/s)
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
