@@ -64,11 +64,18 @@ def _set_number(page, elem_id: str, value: float) -> None:
     """Type into a slider's number box and wait until the slider itself shows it: Gradio applies the typed value a
     moment later, and an event sent before that still carries the old one (a loaded CI machine lost that race)."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
     slider = page.locator(f"#{elem_id} input[type=range]")
     half_step = float(slider.get_attribute("step") or 1) / 2  # the range snaps to its step (1000 shows as 992)
-    _wait(lambda: abs(float(slider.input_value()) - value) <= half_step, timeout=10, what=f"{elem_id} = {value}")
+
+    def applied() -> bool:
+        if abs(float(slider.input_value()) - value) <= half_step:
+            return True
+        box.fill(str(value))  # typed again until it takes: Enter alone was once lost on a loaded machine
+        box.press("Enter")
+        box.press("Tab")  # leaving the box commits it too
+        return False
+
+    _wait(applied, timeout=15, what=f"{elem_id} = {value}")
 
 
 def _pick(page, elem_id: str, option: str) -> None:
