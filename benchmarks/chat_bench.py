@@ -1,24 +1,32 @@
-"""Generation speed: tunesmith's `Generator` vs plain transformers on the same model object, greedy, same limits.
+"""Chat decoding speed, one run, same prompts, greedy, same max_new_tokens: tunesmith vs transformers vs llama.cpp.
 
-    python benchmarks/chat_bench.py            # embedded SmolLM2-135M-Instruct (bf16 on a CPU with fast bf16)
-    python benchmarks/chat_bench.py --tiny     # seconds, tiny random model (CI smoke run)
+    python benchmarks/chat_bench.py                        # embedded SmolLM2-135M-Instruct, every engine
+    python benchmarks/chat_bench.py --only llama.cpp       # rerun one engine (comma list: ENGINES below)
+    python benchmarks/chat_bench.py --tiny                 # seconds, tiny random model (CI smoke run)
 
-Single stream: time to first visible text (TTFT) and decode tokens/s, tunesmith `Generator.stream` vs
-`model.generate` + `TextIteratorStreamer` in a thread (what the transformers docs show). Batched: total generated
-tokens/s over the same prompts, tunesmith `Generator.batch` vs `pipeline("text-generation", batch_size=N)` and a
-loop of single `generate` calls. Both sides use the very same model and tokenizer (so only the wrapper differs),
-and generated tokens are counted the same way for both: the generated text re-tokenized.
+Engines (`--only` names): `tunesmith` (`Generator.stream` / `.batch`, exact weights), `tunesmith-int8` (the same
+with `decode_weights="int8"`, a second load: int8 swaps the model's linear layers in place), `transformers` (the
+baseline: a plain `from_pretrained` model, `generate` + `TextIteratorStreamer` in a thread, and `pipeline(...,
+batch_size=N)`), `llama.cpp` (raw xllamacpp on the embedded Q4_1 GGUF of the same model; with `--tiny`, the tiny model
+exported to f16: one slot for the single stream, N slots for the N concurrent requests). One model is in memory at a
+time. Single stream: median time to first visible text (TTFT) over `--stream-prompts` prompts, and decode tokens/s
+after that first text. Batched: `--concurrency` prompts at once, total generated tokens / wall seconds, and that
+over the engine's single-stream decode rate (issue 15's target: >= 4x). Every engine's tokens are counted the
+same way, the generated text re-tokenized with the model's tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 PROMPTS = [
     "Explain how Python's `json` module encodes and decodes data, with an example.",
@@ -29,86 +37,177 @@ PROMPTS = [
     "Give me a recipe for a simple tomato soup.",
     "Explain what a hash table is and why lookups are fast.",
     "Write a polite email asking a colleague to review my code.",
+    "Summarize the causes of the French Revolution in a few sentences.",
+    "Write a haiku about autumn leaves, then explain its imagery.",
+    "What is the difference between TCP and UDP? When would you use each?",
+    "Plan a three-day trip to Rome for someone who loves history and food.",
+    "Translate 'Where is the train station?' into French, Spanish and German.",
+    "Why is the sky blue? Explain it to a ten-year-old.",
+    "Write a SQL query that finds the five customers with the most orders.",
+    "List five tips for staying focused while working from home.",
 ]
+ENGINES = ("tunesmith", "tunesmith-int8", "transformers", "llama.cpp")
 
-
-def _count(tok, text: str) -> int:
-    return len(tok(text, add_special_tokens=False)["input_ids"])
+Stream = Callable[[str, int], tuple[float, float, str]]
+"""(prompt, max_new_tokens) -> (seconds to the first text, seconds after it, generated text)."""
+Batch = Callable[[list[str], int], tuple[float, list[str]]]
+"""(prompts, max_new_tokens) -> (wall seconds, generated texts): all prompts at once."""
 
 
 def _msgs(p: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": p}]
 
 
-def bench_stream_tunesmith(gen, params, prompt) -> tuple[float, float, int]:
-    t0 = time.perf_counter()
-    first, text = None, ""
-    for ch in gen.stream(_msgs(prompt), params):
-        if ch.text and first is None:
+def _timed_stream(start: Callable[[Callable[[str], None]], None]) -> tuple[float, float, str]:
+    """Run `start(emit)`, which calls `emit(text)` per new piece, and time the first non-empty piece."""
+    t0, first, parts = time.perf_counter(), None, []
+
+    def emit(text: str) -> None:
+        nonlocal first
+        if text and first is None:
             first = time.perf_counter()
-        text += ch.text
+        parts.append(text)
+
+    start(emit)
     end = time.perf_counter()
-    return (first or end) - t0, end - (first or end), _count(gen.tokenizer, text)
+    return (first or end) - t0, end - (first or end), "".join(parts)
 
 
-def bench_stream_transformers(model, tok, prompt, max_new) -> tuple[float, float, int]:
-    from transformers import TextIteratorStreamer
+def _tunesmith(source: str, weights: str) -> tuple[Stream, Batch]:
+    from tunesmith.finetune import GenerationParams, load_generator
 
-    t0 = time.perf_counter()
-    text_in = tok.apply_chat_template(_msgs(prompt), tokenize=False, add_generation_prompt=True)
-    enc = tok(text_in, return_tensors="pt", add_special_tokens=False)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kw = dict(**enc, streamer=streamer, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-    th = threading.Thread(target=model.generate, kwargs=kw)
-    th.start()
-    first, text = None, ""
-    for piece in streamer:
-        if piece and first is None:
-            first = time.perf_counter()
-        text += piece
-    th.join()
-    end = time.perf_counter()
-    return (first or end) - t0, end - (first or end), _count(tok, text)
+    gen = load_generator(source, decode_weights=weights)
 
+    def params(n: int) -> Any:
+        return GenerationParams(max_new_tokens=n, temperature=0)
 
-def _stream_row(name, runs) -> dict:
-    ttft = statistics.median(r[0] for r in runs)
-    tokens = sum(r[2] for r in runs)
-    decode = sum(r[1] for r in runs)
-    # decode rate: tokens after the first visible one over the time after it
-    return {"name": name, "ttft_ms": ttft * 1000, "tok_s": (tokens - len(runs)) / max(decode, 1e-9), "tokens": tokens}
+    def stream(p: str, n: int) -> tuple[float, float, str]:
+        def start(emit: Callable[[str], None]) -> None:
+            for chunk in gen.stream(_msgs(p), params(n)):
+                emit(chunk.text)
+
+        return _timed_stream(start)
+
+    def batch(ps: list[str], n: int) -> tuple[float, list[str]]:
+        t0 = time.perf_counter()
+        outs = gen.batch([_msgs(p) for p in ps], params(n), max_batch_size=len(ps))
+        return time.perf_counter() - t0, [o.text for o in outs]
+
+    return stream, batch
 
 
-def bench_batch_tunesmith(gen, params, prompts, bs) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    outs = gen.batch([_msgs(p) for p in prompts], params, max_batch_size=bs)
-    return time.perf_counter() - t0, sum(_count(gen.tokenizer, o.text) for o in outs)
+def _transformers(source: str, tok: Any, dtype: Any, device: str) -> tuple[Stream, Batch]:
+    from transformers import AutoModelForCausalLM, TextIteratorStreamer, pipeline
 
+    from tunesmith.finetune import resolve_base_model
 
-def bench_pipeline(model, tok, prompts, max_new, bs) -> tuple[float, int]:
-    from transformers import pipeline
+    model = AutoModelForCausalLM.from_pretrained(resolve_base_model(source), dtype=dtype, device_map=device).eval()
 
-    tok.padding_side = "left"
+    def stream(p: str, n: int) -> tuple[float, float, str]:
+        def start(emit: Callable[[str], None]) -> None:
+            text = tok.apply_chat_template(_msgs(p), tokenize=False, add_generation_prompt=True)
+            enc = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
+            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+            kw = dict(**enc, streamer=streamer, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+            th = threading.Thread(target=model.generate, kwargs=kw)  # what the transformers docs show
+            th.start()
+            for piece in streamer:
+                emit(piece)
+            th.join()
+
+        return _timed_stream(start)
+
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
-    t0 = time.perf_counter()
-    outs = pipe([_msgs(p) for p in prompts], batch_size=bs, max_new_tokens=max_new, do_sample=False,
-                pad_token_id=tok.pad_token_id)
-    dt = time.perf_counter() - t0
-    return dt, sum(_count(tok, o[0]["generated_text"][-1]["content"]) for o in outs)
+
+    def batch(ps: list[str], n: int) -> tuple[float, list[str]]:
+        tok.padding_side = "left"
+        t0 = time.perf_counter()
+        outs = pipe([_msgs(p) for p in ps], batch_size=len(ps), max_new_tokens=n, do_sample=False,
+                    pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t0, [o[0]["generated_text"][-1]["content"] for o in outs]
+
+    return stream, batch
 
 
-def bench_sequential(model, tok, prompts, max_new) -> tuple[float, int]:
+def _parallel_server(path: Path, slots: int, per_slot: int, threads: int) -> Any:
+    """xllamacpp serving `slots` sequences at once (continuous batching); finetune/llamacpp.py's `_server` has one."""
+    import xllamacpp as xlc
+
+    p = xlc.CommonParams()
+    p.model.path, p.n_parallel, p.n_ctx, p.verbosity, p.warmup = str(path), slots, slots * per_slot, -1, False
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+    return xlc.Server(p)
+
+
+def _llamacpp(gguf: Path, tok: Any, per_slot: int, slots: int, threads: int) -> tuple[Stream, Batch]:
+    """Raw xllamacpp calls (no tunesmith wrapper in the timed path): the prompt rendered and tokenized with the
+    model's tokenizer exactly as for the other engines, then sent as token ids; no prompt cache between calls."""
+    from tunesmith.finetune import GenerationParams
+    from tunesmith.finetune.llamacpp import LlamaCppGenerator
+
+    one = LlamaCppGenerator(gguf, tok, gguf.name, n_ctx=per_slot, threads=threads)  # one slot, as tunesmith serves
+    many = _parallel_server(gguf, slots, per_slot, threads)
+
+    def request(p: str, n: int) -> dict[str, Any]:  # tunesmith's own request builder: greedy is top_k=1
+        return one._request(one.render(_msgs(p)), GenerationParams(max_new_tokens=n, temperature=0),
+                            {"cache_prompt": False})
+
+    def stream(p: str, n: int) -> tuple[float, float, str]:
+        def start(emit: Callable[[str], None]) -> None:
+            def on_chunk(c: dict[str, Any]) -> bool:
+                emit((c.get("choices") or [{}])[0].get("text") or "")
+                return False  # False: go on
+
+            one._server.handle_completions({**request(p, n), "stream": True}, on_chunk)
+
+        return _timed_stream(start)
+
+    def batch(ps: list[str], n: int) -> tuple[float, list[str]]:
+        out: list[str] = [""] * len(ps)
+
+        def work(i: int) -> None:
+            r = many.handle_completions(request(ps[i], n))  # releases the GIL: the calls run side by side
+            if "choices" not in r:
+                raise RuntimeError(f"llama.cpp failed on request {i} of {len(ps)}: {str(r)[:300]}")
+            out[i] = r["choices"][0]["text"]
+
+        t0 = time.perf_counter()
+        ths = [threading.Thread(target=work, args=(i,)) for i in range(len(ps))]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        return time.perf_counter() - t0, out
+
+    return stream, batch
+
+
+def _measure(stream: Stream, batch: Batch, prompts: list[str], a: argparse.Namespace,
+             count: Callable[[str], int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One engine's single-stream and batched rows, each the fastest of `a.repeats`, after a warm-up."""
+    stream(prompts[0], a.max_new_tokens)  # warm-up: one-off allocations, kernel selection
+    batch(prompts, 2)
+    runs = min(([stream(p, a.max_new_tokens) for p in prompts[: a.stream_prompts]] for _ in range(a.repeats)),
+               key=lambda rs: sum(r[0] + r[1] for r in rs))
+    tokens = [count(r[2]) for r in runs]
+    secs, texts = min((batch(prompts, a.max_new_tokens) for _ in range(a.repeats)), key=lambda r: r[0])
+    n = sum(count(t) for t in texts)
+    # decode rate: the tokens after the first visible one over the time after it
+    return ({"ttft_ms": statistics.median(r[0] for r in runs) * 1000, "tokens": sum(tokens),
+             "tok_s": sum(max(t - 1, 0) for t in tokens) / max(sum(r[1] for r in runs), 1e-9)},
+            {"seconds": secs, "tokens": n, "tok_s": n / secs})
+
+
+def _machine(threads: int, dtype: Any) -> str:
     import torch
+    import transformers
 
-    t0 = time.perf_counter()
-    n = 0
-    for p in prompts:
-        text_in = tok.apply_chat_template(_msgs(p), tokenize=False, add_generation_prompt=True)
-        enc = tok(text_in, return_tensors="pt", add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        n += _count(tok, tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    return time.perf_counter() - t0, n
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"machine: {cpu}{gpu}, torch.get_num_threads()={torch.get_num_threads()}, llama.cpp threads={threads}, "
+            f"dtype={str(dtype).replace('torch.', '')}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -117,71 +216,103 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt[0], "-+-".join("-" * w for w in widths), *fmt[1:]])
 
 
+def _ratio(x: float, ref: float | None) -> str:
+    """`x / ref`, or "-" when the reference engine did not run (`--only`)."""
+    return f"{x / ref:.2f}x" if ref else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny random model, few tokens: a smoke run in seconds")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--prompts", type=int, default=8, help="prompts for the batched test (and single-stream runs)")
-    ap.add_argument("--stream-prompts", type=int, default=3, help="prompts timed one at a time for TTFT")
-    ap.add_argument("--repeats", type=int, default=2, help="each measurement repeated, the fastest kept")
+    ap.add_argument("--only", default=",".join(ENGINES), help=f"comma list of engines to run, from {ENGINES}")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (--tiny: 8)")
+    ap.add_argument("--concurrency", type=int, default=16, help=f"concurrent requests (prompts) in the batched test, "
+                    f"up to {len(PROMPTS)}")
+    ap.add_argument("--stream-prompts", type=int, default=None, help="prompts timed one at a time (default 3, tiny 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="each measurement repeated, the fastest kept (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: torch.get_num_threads())")
     a = ap.parse_args()
+    only = [e.strip() for e in a.only.split(",") if e.strip()]
+    if bad := [e for e in only if e not in ENGINES]:
+        ap.error(f"--only {','.join(bad)}: not an engine; pick from {','.join(ENGINES)}")
+    if not 1 <= a.concurrency <= len(PROMPTS):
+        ap.error(f"--concurrency must be 1..{len(PROMPTS)} (the PROMPTS list), got {a.concurrency}")
+    a.max_new_tokens = a.max_new_tokens or (8 if a.tiny else 64)
+    a.stream_prompts = a.stream_prompts or (1 if a.tiny else 3)
+    a.repeats = a.repeats or (1 if a.tiny else 2)
 
     import torch
 
-    from tunesmith.finetune import GenerationParams, load_generator
+    from tunesmith.finetune import load_tokenizer
+    from tunesmith.finetune.llamacpp import llamacpp_available
+    from tunesmith.finetune.model import embedded_gguf_path, pick_dtype
 
+    threads = a.threads or torch.get_num_threads()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype("auto", device)  # what tunesmith's load_run picks; the transformers baseline loads the same
+    prompts = PROMPTS[: a.concurrency]
+    notes: list[str] = []
+    stream_rows: dict[str, dict[str, Any]] = {}
+    batch_rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="chat_bench-") as d:
         if a.tiny:
             from tunesmith.finetune.tiny import build_tiny_model
 
             source = str(build_tiny_model(Path(d) / "tiny"))
-            a.max_new_tokens, a.prompts, a.stream_prompts, a.repeats = 8, 4, 1, 1
         else:
             source = "embedded"
-        gen = load_generator(source)
-        model, tok = gen.model, gen.tokenizer
-        params = GenerationParams(max_new_tokens=a.max_new_tokens, temperature=0)
-        prompts = PROMPTS[: a.prompts]
-        # warm up both paths once (first call pays one-off allocation and kernel selection)
-        bench_stream_tunesmith(gen, params, prompts[0])
-        bench_stream_transformers(model, tok, prompts[0], a.max_new_tokens)
-        gen.batch([_msgs(p) for p in prompts], GenerationParams(max_new_tokens=2, temperature=0))
+        tok = load_tokenizer(source)
 
-        def best_stream(fn) -> list:
-            runs = [[fn(p) for p in prompts[: a.stream_prompts]] for _ in range(a.repeats)]
-            return min(runs, key=lambda rs: sum(r[0] + r[1] for r in rs))
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
 
-        ts = _stream_row("tunesmith Generator.stream", best_stream(lambda p: bench_stream_tunesmith(gen, params, p)))
-        hf = _stream_row("transformers generate + TextIteratorStreamer",
-                         best_stream(lambda p: bench_stream_transformers(model, tok, p, a.max_new_tokens)))
-        bs = len(prompts)
+        def gguf() -> Path:
+            if not a.tiny:
+                return embedded_gguf_path()  # the Q4_1 file the embedded model is dequantized from
+            from tunesmith.finetune import export_gguf
 
-        def best(fn) -> tuple[float, int]:
-            return min((fn() for _ in range(a.repeats)), key=lambda r: r[0])
+            return Path(export_gguf(source, "f16", out=Path(d) / "tiny-f16.gguf", llamacpp_check=False).path)
 
-        batch = {
-            f"tunesmith Generator.batch (batch {bs})": best(lambda: bench_batch_tunesmith(gen, params, prompts, bs)),
-            f"transformers pipeline (batch_size {bs})": best(lambda: bench_pipeline(model, tok, prompts,
-                                                                                   a.max_new_tokens, bs)),
-            "transformers generate, one prompt at a time": best(lambda: bench_sequential(model, tok, prompts,
-                                                                                       a.max_new_tokens)),
+        longest = max(count(tok.apply_chat_template(_msgs(p), tokenize=False, add_generation_prompt=True))
+                      for p in prompts)
+        per_slot = longest + a.max_new_tokens + 16
+        gguf_name = "tiny f16" if a.tiny else "embedded Q4_1"
+        engines: dict[str, tuple[str, str, str, Callable[[], tuple[Stream, Batch]]]] = {  # name: paths, skip, build
+            "tunesmith": ("Generator.stream", "Generator.batch", "", lambda: _tunesmith(source, "exact")),
+            "tunesmith-int8": ('stream, decode_weights="int8"', 'batch, decode_weights="int8"', "",
+                               lambda: _tunesmith(source, "int8")),
+            "transformers": ("generate + TextIteratorStreamer", f"pipeline, batch_size {a.concurrency}", "",
+                             lambda: _transformers(source, tok, dtype, device)),
+            "llama.cpp": (f"xllamacpp, {gguf_name} GGUF, 1 slot", f"xllamacpp, {a.concurrency} slots",
+                          "" if llamacpp_available() else "skipped: xllamacpp is not installed (pip install xllamacpp)",
+                          lambda: _llamacpp(gguf(), tok, per_slot, a.concurrency, threads)),
         }
+        for name in only:
+            stream_how, batch_how, skip, build = engines[name]
+            if skip:
+                notes.append(f"{name}: {skip}")
+                continue
+            stream_rows[name], batch_rows[name] = _measure(*build(), prompts, a, count)
+            stream_rows[name]["how"], batch_rows[name]["how"] = stream_how, batch_how
+            gc.collect()  # one model in memory at a time: the engine's closures are gone
 
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    print(f"Generation, {'tiny random model' if a.tiny else 'SmolLM2-135M-Instruct (embedded)'}, {dtype}, greedy, "
-          f"max_new_tokens={a.max_new_tokens}, {torch.get_num_threads()} threads, best of {a.repeats}")
+    model = "tiny random model" if a.tiny else "SmolLM2-135M-Instruct (embedded)"
+    print(f"Chat decoding, {model}, greedy, max_new_tokens={a.max_new_tokens}, best of {a.repeats}")
+    print(_machine(threads, dtype))
     print(f"\nSingle stream (median TTFT over {a.stream_prompts} prompts; decode tok/s after the first text)")
-    rows = []
-    for r in (ts, hf):
-        rows.append([r["name"], f"{r['ttft_ms']:.0f}", f"{hf['ttft_ms'] / r['ttft_ms']:.2f}x", f"{r['tok_s']:.1f}",
-                     f"{r['tok_s'] / hf['tok_s']:.2f}x", str(r["tokens"])])
-    print(_table(["path", "TTFT ms", "speed vs HF", "decode tok/s", "vs HF", "tokens"], rows))
-    print(f"\nBatched: {bs} prompts")
-    ref = batch[f"transformers pipeline (batch_size {bs})"]
-    rows = [[name, f"{dt:.2f}", str(n), f"{n / dt:.1f}", f"{(n / dt) / (ref[1] / ref[0]):.2f}x"]
-            for name, (dt, n) in batch.items()]
-    print(_table(["path", "seconds", "tokens", "tok/s", "vs pipeline"], rows))
-    sys.stdout.flush()
+    ref = {k: (stream_rows.get(k) or {}).get("tok_s") for k in ("transformers", "llama.cpp")}
+    rows = [[k, r["how"], f"{r['ttft_ms']:.0f}", f"{r['tok_s']:.1f}", _ratio(r["tok_s"], ref["transformers"]),
+             _ratio(r["tok_s"], ref["llama.cpp"]), str(r["tokens"])] for k, r in stream_rows.items()]
+    print(_table(["engine", "path", "TTFT ms", "decode tok/s", "vs HF", "vs llama.cpp", "tokens"], rows))
+    print(f"\nBatched: {a.concurrency} concurrent requests (batched / single: over the engine's single-stream decode "
+          "tok/s; target >= 4x)")
+    bref = {k: (batch_rows.get(k) or {}).get("tok_s") for k in ("transformers", "llama.cpp")}
+    rows = [[k, r["how"], f"{r['seconds']:.2f}", str(r["tokens"]), f"{r['tok_s']:.1f}",
+             _ratio(r["tok_s"], stream_rows[k]["tok_s"]), _ratio(r["tok_s"], bref["transformers"]),
+             _ratio(r["tok_s"], bref["llama.cpp"])] for k, r in batch_rows.items()]
+    print(_table(["engine", "path", "seconds", "tokens", "tok/s", "batched / single", "vs HF", "vs llama.cpp"], rows))
+    for note in notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ This package is the only door `chains/`, `ui/` and the CLI use (a test checks th
 - configs: `load_config`, `save_config`, `Config`, `ConfigError`; `build_section` / `check_values`, the one
   validator for typed YAML sections (chain configs use it too), `read_yaml`, `parse_override` (`key=value`).
 - data: `read_records`, `load_records`, `build_examples`, `format_preview`, `resolve_chat_template`, `Record`,
-  `DataReport`, `DataError`.
+  `DataReport`, `DataError`, `detect_format` (a record's format from its keys, as `data.format: auto` does),
+  `preview_examples` (what `tunesmith data preview` shows, preference pairs as chosen then rejected).
 - models: `resolve_source` -> `Source` (what a run folder, model folder, .gguf, `embedded` or hub id is, checked
   once), `load_run`, `LoadedRun`, `load_tokenizer`, `resolve_base_model`, `is_run_dir` (a finished run),
   `EMBEDDED_ALIASES`, `cache_dir` (where tunesmith caches), `ModelLoadError`.
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
         DataReport,
         Record,
         build_examples,
+        detect_format,
         format_preview,
         load_records,
         read_records,
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
     )
     from .logits import GeneratedLogprob, token_key
     from .merge import merge_run
+    from .methods import preview_examples
     from .model import (
         EMBEDDED_ALIASES,
         LoadedRun,
@@ -91,8 +94,8 @@ if TYPE_CHECKING:
 _WHERE = {
     **dict.fromkeys(["Config", "ConfigError", "build_section", "check_values", "load_config", "parse_override",
                      "read_yaml", "save_config"], ".config"),
-    **dict.fromkeys(["DataError", "DataReport", "Record", "build_examples", "format_preview", "load_records",
-                     "read_records", "resolve_chat_template"], ".data"),
+    **dict.fromkeys(["DataError", "DataReport", "Record", "build_examples", "detect_format", "format_preview",
+                     "load_records", "read_records", "resolve_chat_template"], ".data"),
     **dict.fromkeys(["USER_ERRORS", "ExportError", "MergeError", "ModelLoadError", "UnsupportedRequest"], ".errors"),
     **dict.fromkeys(["QUANTS", "ExportResult", "export_gguf"], ".export"),
     "push_run": ".push",
@@ -102,6 +105,7 @@ _WHERE = {
                      "context_length", "cut_at_stop", "fit_context", "load_generator"], ".generate"),
     **dict.fromkeys(["GeneratedLogprob", "token_key"], ".logits"),
     "merge_run": ".merge",
+    "preview_examples": ".methods",
     **dict.fromkeys(["EMBEDDED_ALIASES", "LoadedRun", "Source", "cache_dir", "is_run_dir", "load_run", "load_tokenizer",
                      "resolve_base_model", "resolve_source"], ".model"),
     **dict.fromkeys(["aiter_chunks", "merge_streams"], ".streams"),
@@ -114,9 +118,9 @@ __all__ = [
     "ExportError", "ExportResult", "QUANTS", "export_gguf", "push_run",
     "GeneratedLogprob", "GenerationParams", "Generator", "LoadedRun", "MergeError", "ModelLoadError", "Prompt",
     "Record", "Source", "TokenLogprobs", "USER_ERRORS", "UnsupportedRequest", "aiter_chunks", "build_examples", "build_section",
-    "cache_dir", "check_values", "context_length", "cut_at_stop", "dry_run", "evaluate_run", "fit_context",
+    "cache_dir", "check_values", "context_length", "cut_at_stop", "detect_format", "dry_run", "evaluate_run", "fit_context",
     "format_preview", "format_table", "is_run_dir", "load_config", "load_generator", "load_records", "load_run",
-    "load_tokenizer", "merge_run", "merge_streams", "parse_override", "read_records", "read_yaml",
+    "load_tokenizer", "merge_run", "merge_streams", "parse_override", "preview_examples", "read_records", "read_yaml",
     "resolve_base_model", "resolve_chat_template", "resolve_source", "save_config", "save_result", "sweep",
     "token_key", "train",
 ]

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the file, the key and the fix."""
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio", "aim", "comet_ml", "clearml", "dvclive", "swanlab")
+"""What `train.report_to` takes: Accelerate's trackers (finetune/tracking.py keeps the first three offline)."""
+
+
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)
@@ -98,6 +102,70 @@ class TrainSection:
     fused_loss: bool = True
     """Output head + cross-entropy only at trained positions, in chunks (less memory and time). It is checked against
     the model's own loss before the first step; `false` trains through the model's own forward instead."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics.jsonl row, the resolved config and the loss curve, offline by
+    default: `tensorboard` (RUN/tensorboard), `mlflow` (RUN/mlflow.db unless MLFLOW_TRACKING_URI is set), `wandb`
+    (offline unless WANDB_MODE or WANDB_API_KEY is set), or another of Accelerate's trackers (`TRACKERS`)."""
+
+
+@dataclass
+class DpoSection:
+    beta: float = 0.1
+    """How far the policy may move from the reference: the implicit reward is beta * log(policy / reference)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid`: DPO; `ipo`: IPO's squared loss (length-normalised); `hinge`: SLiC."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (sigmoid only): the share of pairs assumed mislabelled, in [0, 0.5)."""
+    precompute_ref: bool = False
+    """Reference log-probs computed once before the first step (saves a forward per step; required for
+    finetuning_type=full, which has no adapter to switch off)."""
+
+
+@dataclass
+class OrpoSection:
+    beta: float = 0.1
+    """Weight of the odds-ratio term next to the chosen side's NLL (the paper's lambda); no reference model."""
+
+
+@dataclass
+class SimpoSection:
+    beta: float = 2.0
+    """Scale of the length-normalised reward; no reference model."""
+    gamma: float = 1.0
+    """Target reward margin between chosen and rejected."""
+
+
+@dataclass
+class KtoSection:
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    """Loss weight of `label: true` records; keep w_d * n_desirable / (w_u * n_undesirable) in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    precompute_ref: bool = False
+    """As dpo.precompute_ref (the KL estimate's reference is still computed per step)."""
+
+
+@dataclass
+class GrpoSection:
+    num_generations: int = 8
+    """Samples per prompt (a group); advantages compare samples of the same prompt. train.micro_batch_size counts
+    prompts, so a micro-batch trains on micro_batch_size * num_generations completions."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epsilon: float = 0.2
+    """Clip range of the probability ratio (PPO's epsilon)."""
+    epsilon_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None = epsilon."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the reference (the adapter switched off); 0 = no reference forward."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's std (GRPO); false keeps reward - group mean (Dr. GRPO)."""
+    rewards: list[Any] = field(default_factory=list)
+    """Built-in names (exact_match, regex, json, length), `module:function`, or {name, weight, arguments}."""
+
+
+METHOD_SECTIONS = ("dpo", "orpo", "simpo", "kto", "grpo")
 
 
 @dataclass
@@ -113,6 +181,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    """`sft` trains on answers; `dpo`/`orpo`/`simpo` on preference pairs, `kto` on labelled answers, `grpo` on
+    prompts with reward functions. Each method's keys are in its own section (`dpo.beta`, `grpo.rewards`, ...)."""
+    dpo: DpoSection = field(default_factory=DpoSection)
+    orpo: OrpoSection = field(default_factory=OrpoSection)
+    simpo: SimpoSection = field(default_factory=SimpoSection)
+    kto: KtoSection = field(default_factory=KtoSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -150,6 +226,55 @@ class Config:
             raise bad("data.labels", f"needs at least 2 distinct labels, got {d.labels}")
         if t.loss_chunk_size < 16:
             raise bad("train.loss_chunk_size", "must be >= 16")
+        if isinstance(t.report_to, str):  # `report_to: tensorboard`, as HF TrainingArguments takes it
+            t.report_to = [t.report_to]
+        t.report_to = [n for n in dict.fromkeys(t.report_to) if n != "none"]
+        if unknown := [n for n in t.report_to if n not in TRACKERS]:
+            raise bad("train.report_to", f"names unknown tracker(s) {unknown}; use some of: {', '.join(TRACKERS)} "
+                      "(or `none`)")
+        self._validate_method(where, bad)
+
+    def _validate_method(self, where: str, bad: typing.Callable[[str, str], ConfigError]) -> None:
+        """The preference / RL sections: only the chosen method's may be set, and its values must make sense."""
+        for name in METHOD_SECTIONS:
+            section = getattr(self, name)
+            if name != self.method and section != type(section)():
+                raise bad(name, f"is set but method is `{self.method}`; set method: {name}, or remove the `{name}` "
+                                "section")
+        dpo, kto, g = self.dpo, self.kto, self.grpo
+        if dpo.label_smoothing and dpo.loss_type != "sigmoid":
+            raise bad("dpo.label_smoothing", f"applies to loss_type=sigmoid only, not {dpo.loss_type}; set it to 0")
+        if not 0 <= dpo.label_smoothing < 0.5:
+            raise bad("dpo.label_smoothing", f"must be in [0, 0.5), got {dpo.label_smoothing}")
+        for key, value in (("dpo.beta", dpo.beta), ("orpo.beta", self.orpo.beta), ("simpo.beta", self.simpo.beta),
+                           ("kto.beta", kto.beta)):
+            if value <= 0:
+                raise bad(key, f"must be > 0, got {value}")
+        if self.finetuning_type == "full" and self.method in ("dpo", "kto") and not (
+                dpo if self.method == "dpo" else kto).precompute_ref:
+            raise bad(f"{self.method}.precompute_ref", "must be true with finetuning_type=full: the reference is the "
+                      "model before training, and full fine-tuning has no adapter to switch off to get it back")
+        if self.method != "grpo":
+            return
+        if g.num_generations < 2:
+            raise bad("grpo.num_generations", f"must be >= 2 (advantages compare samples of one prompt), got "
+                      f"{g.num_generations}")
+        if g.max_new_tokens < 1 or g.temperature <= 0 or not 0 < g.top_p <= 1:
+            raise bad("grpo.max_new_tokens/temperature/top_p", "must be >= 1, > 0 and in (0, 1]")
+        if g.epsilon <= 0 or (g.epsilon_high is not None and g.epsilon_high < g.epsilon):
+            raise bad("grpo.epsilon", "must be > 0, and grpo.epsilon_high (if set) >= grpo.epsilon")
+        if g.beta < 0:
+            raise bad("grpo.beta", f"must be >= 0, got {g.beta}")
+        if g.beta > 0 and self.finetuning_type == "full":
+            raise bad("grpo.beta", "> 0 needs the reference (the adapter switched off); use finetuning_type=lora, or "
+                      "grpo.beta=0")
+        if not g.rewards:
+            raise bad("grpo.rewards", "is empty: list at least one reward, e.g. rewards: [{name: exact_match, "
+                      "field: answer}] or `my_module:my_reward`")
+        from .rewards import load_reward  # imports torch: only for GRPO configs
+
+        for i, spec in enumerate(g.rewards):
+            load_reward(spec, where=f"{where}: grpo.rewards[{i}]")
 
 
 ALIASES = {

@@ -14,6 +14,7 @@ import torch
 
 from .config import Config
 from .data import examples_in
+from .methods import MetricSums, prepare, step_units
 
 
 def _available_bytes() -> int | None:
@@ -37,9 +38,11 @@ def dry_run(cfg: Config, steps: int = 2) -> str:
     for step in range(min(steps, len(s.plan))):
         t0 = time.time()
         group = [s.batches[i] for i in s.plan[step]]
-        n_targets = sum(ex.n_targets for b in group for ex in examples_in(b))
-        for batch in group[acc.process_index:: acc.num_processes]:
-            (s.loss_model(**s.inputs(batch)) / n_targets).backward()
+        n_targets = (sum(ex.n_targets for b in group for ex in examples_in(b)) if cfg.method == "sft"
+                     else step_units(cfg, group))  # pairs / answers / completions (finetune/methods.py)
+        for j, i in enumerate(s.plan[step][acc.process_index:: acc.num_processes]):
+            out = s.loss_model(**prepare(s, i, step, j, group).inputs)
+            (MetricSums().add(out, {}) / n_targets).backward()  # the loss of SFT's or a method's output
         s.optimizer.zero_grad(set_to_none=True)  # no optimizer step: the dry run must not change anything
         times.append(time.time() - t0)
     per_step = times[-1]

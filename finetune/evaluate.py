@@ -89,6 +89,12 @@ def evaluate_run(run: str | Path, data: str | Path, max_new_tokens: int = 64, li
     gen = load_generator(run)
     records = load_records([str(data)])[: limit or None]
     cfg_data = _data_cfg(gen)
+    from .pairs import detect_kind
+
+    if detect_kind(records[0]) == "pair":
+        return evaluate_preferences(gen, records, str(data), cfg_data, compare_base, batch_size)
+    if detect_kind(records[0]) == "prompt":
+        return evaluate_rewards(gen, records, str(data), cfg_data, compare_base, max_new_tokens, batch_size, progress)
     prompts, refs = prompts_and_answers(records, cfg_data)
     if not prompts:
         raise ValueError(f"{data}: no chat records with an assistant answer to compare against.")
@@ -124,6 +130,75 @@ def evaluate_run(run: str | Path, data: str | Path, max_new_tokens: int = 64, li
         raise ValueError(f"unknown baseline {baseline!r}; the one available is `tfidf`.")
     result["predictions"] = [{"prompt": p, "reference": r, "outputs": {n: o[i] for n, o in outputs.items()}}
                              for i, (p, r) in enumerate(zip(prompts, refs))]
+    return result
+
+
+@torch.no_grad()
+def evaluate_preferences(gen: Generator, records: list[Any], data: str, cfg_data: Any, compare_base: bool = True,
+                         batch_size: int = 8) -> dict[str, Any]:
+    """Held-out preference pairs, tuned vs base: `preference_accuracy`, the share of pairs whose chosen answer the
+    model finds likelier than the rejected one (by the log-prob summed over the answer's tokens, or per token for
+    runs trained with orpo / simpo, whose rewards are length-normalised), and `logp_margin`, the mean chosen minus
+    rejected log-prob. For a LoRA run the tuned model also gets `reward_accuracy`: DPO's implicit reward, its
+    log-probs against the base's (the adapter switched off), ranking chosen first."""
+    from .pairs import build_pair_examples, collate_pairs
+    from .preference import sequence_logps
+
+    per_token = gen.loaded.config.get("method") in ("orpo", "simpo")
+    pairs = build_pair_examples(records, gen.tokenizer, gen.tokenizer.chat_template, cfg_data.max_length,
+                                cfg_data.system_prompt)
+    scores: dict[str, torch.Tensor] = {}
+    for name, g, use_adapter in _variants(gen, compare_base):
+        model: Any = g.model
+        rows = []
+        with model.disable_adapter() if not use_adapter and g.has_adapter else contextlib.nullcontext():
+            for i in range(0, len(pairs), batch_size):
+                b = collate_pairs(pairs[i: i + batch_size], g.tokenizer.pad_token_id, packed=False)
+                sums, counts = sequence_logps(model, {k: v.to(g.device) for k, v in b.items()})
+                rows.append(torch.stack([sums, counts]).float().cpu().view(2, 2, -1))  # (sum|count, chosen|rej, n)
+        scores[name] = torch.cat(rows, dim=2)
+    result: dict[str, Any] = {"run": gen.name, "data": data, "records": len(pairs), "labels": None,
+                              "mode": "preference", "models": {}, "predictions": []}
+    for name, sc in scores.items():
+        s = sc[0] / sc[1].clamp(min=1) if per_token else sc[0]
+        result["models"][name] = {"preference_accuracy": round(float((s[0] > s[1]).float().mean()), 4),
+                                  "logp_margin": round(float((sc[0][0] - sc[0][1]).mean()), 4)}
+    if "base" in scores and gen.has_adapter:
+        h = (scores["tuned"][0] - scores["base"][0])  # log-ratio to the reference, chosen and rejected
+        result["models"]["tuned"]["reward_accuracy"] = round(float((h[0] > h[1]).float().mean()), 4)
+    result["predictions"] = [{"where": p.where, "logps": {n: {"chosen": round(float(sc[0][0][k]), 4),
+                                                                "rejected": round(float(sc[0][1][k]), 4)}
+                                                            for n, sc in scores.items()}}
+                             for k, p in enumerate(pairs)]
+    return result
+
+
+def evaluate_rewards(gen: Generator, records: list[Any], data: str, cfg_data: Any, compare_base: bool = True,
+                     max_new_tokens: int = 64, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """GRPO prompts (a prompt and the fields rewards read), tuned vs base: greedy answers scored by the run's own
+    `grpo.rewards`, or an exact match with each record's `answer` for a run trained otherwise. Reports
+    `reward_mean` and `reward_mean/<function>` per model."""
+    from .pairs import to_prompt
+    from .rewards import load_reward, reward_metrics, score_rewards
+
+    items = [to_prompt(r, cfg_data.system_prompt) for r in records]
+    specs = (gen.loaded.config.get("grpo") or {}).get("rewards") or [{"name": "exact_match", "field": "answer"}]
+    rewards = [load_reward(spec, where=f"{gen.name}: grpo.rewards[{k}]") for k, spec in enumerate(specs)]
+    keys = sorted({k for it in items for k in it.fields})
+    fields = {k: [it.fields.get(k) for it in items] for k in keys}
+    prompts = [it.prompt for it in items]
+    result: dict[str, Any] = {"run": gen.name, "data": data, "records": len(items), "labels": None,
+                              "mode": "rewards", "models": {}}
+    outputs: dict[str, list[str]] = {}
+    for name, g, use_adapter in _variants(gen, compare_base):
+        texts = _generate(g, prompts, max_new_tokens, use_adapter, batch_size, name, progress)
+        n_tokens = [g.count_tokens(t) for t in texts]
+        scores = score_rewards(rewards, prompts, texts, {**fields, "completion_tokens": n_tokens},
+                               [it.where for it in items])
+        result["models"][name] = {k: round(v, 4) for k, v in reward_metrics(scores, rewards).items()}
+        outputs[name] = texts
+    result["predictions"] = [{"prompt": it.prompt, "fields": it.fields, "outputs": {n: o[i] for n, o in outputs.items()}}
+                             for i, it in enumerate(items)]
     return result
 
 
@@ -196,7 +271,8 @@ def _run_labels(gen: Generator) -> list[str] | None:
     return list(setting) if isinstance(setting, list) else None
 
 
-METRIC_ROWS = ("loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l")
+METRIC_ROWS = ("loss", "perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l", "preference_accuracy",
+               "reward_accuracy", "logp_margin", "reward_mean")
 
 
 def format_table(result: dict[str, Any]) -> str:

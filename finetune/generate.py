@@ -19,8 +19,10 @@ from typing import Any, cast
 import torch
 from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .constrained import JsonVocab
 from .logits import GeneratedLogprob, RowSampler, _token_text, completion_logprobs, generate_kwargs, token_key
 from .model import LoadedRun, load_run
+from .quantize import int8_reads, resolve_decode_weights, use_int8_decode
 from .scoring import score_candidates
 from .sharing import AdapterSwitch, CpuShare, cpu_share
 from .streams import thread_stream
@@ -216,15 +218,19 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 class Generator:
     """Generation over a loaded run. Thread-safe; create one per model and share it."""
 
-    def __init__(self, loaded: LoadedRun) -> None:
+    def __init__(self, loaded: LoadedRun, decode_weights: str = "exact") -> None:
+        """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
+        ~2x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self._adapter = AdapterSwitch(self.model)
         self.has_adapter = self._adapter.has_adapter
-        self._json_vocab: Any = None  # lm-format-enforcer's view of the vocabulary, built on first json_schema use
-        self._json_vocab_lock = threading.Lock()
+        self._json = JsonVocab(self.tokenizer, self._eos_ids())
+        self.decode_weights = resolve_decode_weights(decode_weights, self.device)
+        if self.decode_weights == "int8":
+            use_int8_decode(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -279,41 +285,6 @@ class Generator:
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
         }
 
-    def _json_constraint(self, schema: dict) -> Any:
-        """`prefix_allowed_tokens_fn` for model.generate: at each step, only tokens that keep the answer a valid
-        prefix of JSON matching `schema` (plus end-of-turn once the object is complete).
-
-        Built on lm-format-enforcer's core `TokenEnforcer`, its documented extension point: the package's own
-        transformers integration fails to import on transformers 5 (noamgat/lm-format-enforcer PR #177)."""
-        from lmformatenforcer import (
-            CharacterLevelParserConfig,
-            JsonSchemaParser,
-            TokenEnforcer,
-            TokenEnforcerTokenizerData,
-        )
-
-        try:
-            parser = JsonSchemaParser(schema)
-        except Exception as e:  # pydantic's error for a malformed schema, or lm-format-enforcer's for an unsupported one
-            raise ValueError(f"json_schema is not a usable JSON schema ({type(e).__name__}: {str(e)[:300]}). Give an "
-                             "object schema such as a Pydantic model's model_json_schema().") from None
-        with self._json_vocab_lock:
-            if self._json_vocab is None:
-                vocab = len(self.tokenizer)
-                self._json_vocab = TokenEnforcerTokenizerData(
-                    _token_strings(self.tokenizer, vocab), self._decode_json_prefix,
-                    self._eos_ids(),  # the end of a chat turn (ChatML's <|im_end|>) too, not only the tokenizer's EOS
-                    use_bitmask=False, vocab_size=vocab)
-        enforcer = TokenEnforcer(self._json_vocab, parser)
-        # TokenEnforcer lets strings hold every single-character token, raw newlines and tabs included, which
-        # strict JSON parsers reject (a random model writes them): narrow its alphabet after it has set it
-        alphabet = "".join(c for c in self._json_vocab.tokenizer_alphabet if c >= " ")
-        parser.config = CharacterLevelParserConfig(alphabet=alphabet)
-        return lambda _row, ids: enforcer.get_allowed_tokens(ids.tolist()).allowed_tokens
-
-    def _decode_json_prefix(self, ids: list[int]) -> str:
-        return self._decode(ids, skip_special_tokens=False).rstrip("\ufffd")  # half a UTF-8 character is no text yet
-
     def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         assert isinstance(text, str)  # one sequence of ids decodes to one string
@@ -339,12 +310,12 @@ class Generator:
                                    "prompt and answer together). Shorten the prompt.", "messages")
             p = replace(p, max_new_tokens=min(p.max_new_tokens, limit - longest))
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
-        constraint = {"prefix_allowed_tokens_fn": self._json_constraint(p.json_schema)} if p.json_schema else {}
+        constraint = {"prefix_allowed_tokens_fn": self._json.constraint(p.json_schema)} if p.json_schema else {}
         extra = generate_kwargs(p, plen)
         if p.temperature >= GREEDY_BELOW:
             processors = extra.setdefault("logits_processor", LogitsProcessorList())
             processors.append(RowSampler(len(prompts), p.temperature, p.top_p, p.top_k, p.seed, self.device))
-        with self._adapter.use(p.use_adapter), cpu_share() as watch.share, torch.inference_mode():
+        with self._adapter.use(p.use_adapter), cpu_share() as watch.share, torch.inference_mode(), int8_reads():
             # a causal LM (or its peft wrapper) generates; PreTrainedModel alone does not declare `generate`
             out = cast(GenerationMixin, self.model).generate(**enc, **self._gen_kwargs(p), **constraint, **extra,
                                                              stopping_criteria=StoppingCriteriaList([watch]))
@@ -476,37 +447,17 @@ class Generator:
 ENGINES = ("transformers", "llama.cpp")
 
 
-def load_generator(source: str | Path, engine: str = "transformers", **kw: Any) -> Generator:
+def load_generator(source: str | Path, engine: str = "transformers", decode_weights: str = "exact",
+                   **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id.
 
     `engine="llama.cpp"` serves a run through its exported GGUF (exported on first use, finetune/llamacpp.py): the
-    same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers."""
+    same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers.
+    `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU): see `Generator`."""
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp
 
         return load_llamacpp(source, **kw)  # type: ignore[return-value]  # Generator's serving surface
     if engine != "transformers":
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
-    return Generator(load_run(source, **kw))
-
-
-def _token_strings(tokenizer: Any, vocab_size: int) -> list[tuple[int, str, bool]]:
-    """(id, text, starts a word) for the tokens JSON may be written with, as lm-format-enforcer's TokenEnforcer
-    needs them.
-
-    A token's text is decoded after a "0" token and the "0" cut off: decoding it alone drops the leading space of
-    SentencePiece pieces; a token whose text is longer that way starts a new word. Left out: special tokens,
-    pieces of a UTF-8 character (they decode to U+FFFD alone and to something else next to their neighbour, so the
-    enforcer would check other text than the one written) and control characters and tabs, which JSON strings may
-    not hold raw and lm-format-enforcer lets into strings (spaces and newlines still lay the JSON out)."""
-    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in range(vocab_size) if i not in special]
-    after_zero = tokenizer.batch_decode([[zero, i] for i in ids])
-    alone = tokenizer.batch_decode([[i] for i in ids])
-    out = []
-    for i, a, b in zip(ids, after_zero, alone):
-        text = a[1:]
-        if text and "\ufffd" not in text and all(c >= " " and c != "\x7f" or c in "\n\r" for c in text):
-            out.append((i, text, len(text) > len(b)))
-    return out
+    return Generator(load_run(source, **kw), decode_weights)

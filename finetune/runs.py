@@ -163,8 +163,13 @@ class Smoothed:
         return self._avg / (1 - self.beta**self._n)
 
 
+_REWARD_CURVES = ("reward_margin", "reward_accuracy", "eval_preference_accuracy", "reward_mean", "eval_reward_mean")
+"""What preference tuning and GRPO add to `loss.png`, in a panel of its own (their scales are not the loss's)."""
+
+
 def plot_losses(metrics: Path, png: Path) -> None:
-    """Train loss (raw and smoothed) and eval loss against step: people would rather look than read JSONL."""
+    """Train loss (raw and smoothed) and eval loss against step: people would rather look than read JSONL.
+    Preference and GRPO runs get a second panel: reward margin and accuracy, or mean reward."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +178,10 @@ def plot_losses(metrics: Path, png: Path) -> None:
     rows = read_metrics(metrics)
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in _REWARD_CURVES}
+    curves = {k: v for k, v in curves.items() if v}
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 4), dpi=110, squeeze=False)
+    ax = axes[0, 0]
     if tr:
         xs, ys = zip(*tr)
         ax.plot(xs, ys, color="#9ecae1", lw=1, label="train loss")
@@ -183,10 +191,19 @@ def plot_losses(metrics: Path, png: Path) -> None:
         xs, ys = zip(*ev)
         ax.plot(xs, ys, "o-", color="#e6550d", lw=2, label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per trained token")
+    ax.set_ylabel("loss per pair / answer / completion" if curves else "loss per trained token")
     ax.set_title(Path(metrics).parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if curves:
+        rx = axes[0, 1]
+        for k, pts in curves.items():
+            xs, ys = zip(*pts)
+            rx.plot(xs, ys, "o-" if k.startswith("eval_") else "-", lw=1.5, label=k.replace("_", " "))
+        rx.set_xlabel("optimizer step")
+        rx.set_title("rewards")
+        rx.grid(alpha=0.3)
+        rx.legend()
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

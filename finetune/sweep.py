@@ -27,7 +27,9 @@ from .errors import TrainingError
 if TYPE_CHECKING:
     import optuna
 
-DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {"eval_loss": "minimize", "eval_accuracy": "maximize"}
+DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {
+    "eval_loss": "minimize", "eval_accuracy": "maximize", "eval_preference_accuracy": "maximize",
+    "eval_reward_mean": "maximize"}
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "train.lr": {"low": 1e-5, "high": 2e-3, "log": True},
@@ -237,10 +239,16 @@ def sample(trial: optuna.Trial, spec: dict[str, dict[str, Any]]) -> dict[str, An
 def _pick_metric(cfg: Config, metric: str) -> str:
     """`auto` -> eval_accuracy when the data are labels, else eval_loss; both need validation data."""
     if metric not in (*DIRECTIONS, "auto"):
-        raise ConfigError(f"--metric must be eval_loss, eval_accuracy or auto, got {metric!r}")
+        raise ConfigError(f"--metric must be one of {', '.join(DIRECTIONS)} or auto, got {metric!r}")
     if not cfg.data.validation and cfg.data.val_set_size <= 0:
         raise ConfigError("tunesmith sweep scores each trial on validation data, but data.validation is empty and "
                           "data.val_set_size=0. Set data.validation (a file) or data.val_set_size (e.g. 0.1).")
+    if cfg.method != "sft":  # what each method's evals log (finetune/methods.py): pairs rank, GRPO rewards
+        logged = {"kto": ["eval_loss"], "grpo": ["eval_reward_mean"]}.get(cfg.method,
+                                                                          ["eval_preference_accuracy", "eval_loss"])
+        if metric not in (*logged, "auto"):
+            raise ConfigError(f"--metric {metric}: method {cfg.method} logs {' and '.join(logged)}; pick one.")
+        return logged[0] if metric == "auto" else metric
     if metric == "eval_loss":
         return metric
     has_labels = _has_labels(cfg)

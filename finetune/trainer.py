@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from . import tracking
 from .config import Config, ConfigError, save_config
 from .data import (
     DataReport,
@@ -34,6 +35,18 @@ from .data import (
 )
 from .errors import TrainingError
 from .loss import LossModel, check_loss
+from .methods import (
+    UNITS,
+    MetricSums,
+    PreferenceModel,
+    build_batches,
+    check_data_kind,
+    check_logps,
+    prepare,
+    prepare_state,
+    step_units,
+)
+from .methods import evaluate as evaluate_method
 from .metrics import resolve_labels
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import (
@@ -81,6 +94,8 @@ class Setup:
     """The label set when the answers are classes (`data.labels`): evals then also log `eval_accuracy`."""
     val_prompts: list[Any] | None = None
     val_answers: list[str] | None = None
+    method: Any = None
+    """methods.MethodState for dpo/orpo/simpo/kto/grpo: precomputed reference, rewards, the Generator."""
 
     def inputs(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         """A micro-batch as LossModel keyword tensors on this process's device."""
@@ -95,12 +110,16 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     from accelerate.utils import DistributedType
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    acc = accelerator or Accelerator()
+    trackers = tracking.accelerator_kwargs(cfg)  # train.report_to's packages are checked before anything loads
+    acc = accelerator or Accelerator(**trackers)
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
             "DeepSpeed is not supported by tunesmith's loop yet (its engine steps the optimizer inside backward and "
             "shards what the loop saves; untested setups are refused rather than trained wrong). Use FSDP2 "
             "(accelerate launch --config_file configs/accelerate/fsdp.yaml) to shard a model over several GPUs.")
+    if cfg.method == "grpo" and acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError("method grpo under FSDP is not supported yet (sampling from sharded weights is untested). "
+                          "Run GRPO on one process or under DDP (accelerate launch --multi_gpu).")
     out = Path(cfg.output_dir)
     finished = (out / "adapter").exists() or (out / "model").exists()
     if check_output and not resume and (finished or latest_checkpoint(out) is not None):
@@ -123,16 +142,21 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     else:
         train_recs, val_recs = split_validation(train_recs, cfg.data.val_set_size, cfg.seed)
     report = DataReport()
-    train_ex = build_examples(train_recs, tok, cfg.data, report)
-    val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
-    if not train_ex:
-        raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
-    labels = resolve_labels(cfg.data.labels, prompts_and_answers(train_recs, cfg.data)[1])
-    val_prompts, val_answers = prompts_and_answers(val_recs, cfg.data) if labels else ([], [])
-    _check_max_length(cfg)
     t = cfg.train
-    batches = micro_batches(train_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing, seed=cfg.seed)
-    val_batches = micro_batches(val_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing)
+    check_data_kind(cfg.method, train_recs[0])  # SFT given preference pairs: say `method: dpo`
+    labels, val_prompts, val_answers = None, cast("list[Any]", []), cast("list[str]", [])
+    if cfg.method == "sft":
+        train_ex = build_examples(train_recs, tok, cfg.data, report)
+        val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
+        if not train_ex:
+            raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
+        labels = resolve_labels(cfg.data.labels, prompts_and_answers(train_recs, cfg.data)[1])
+        val_prompts, val_answers = prompts_and_answers(val_recs, cfg.data) if labels else ([], [])
+        batches = micro_batches(train_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing, seed=cfg.seed)
+        val_batches = micro_batches(val_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing)
+    else:  # preference pairs, KTO answers or GRPO prompts (finetune/methods.py)
+        batches, val_batches = build_batches(cfg, tok, train_recs, val_recs, report)
+    _check_max_length(cfg)
 
     # 2) the plan: which micro-batches each optimizer step uses, for every rank, reshuffled each epoch
     per_step = t.grad_accum * acc.num_processes
@@ -184,7 +208,9 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     name = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
-    loss_model, opt = acc.prepare(LossModel(model, t.loss_chunk_size, autocast_dtype=low, fused=t.fused_loss), opt)
+    module = (LossModel(model, t.loss_chunk_size, autocast_dtype=low, fused=t.fused_loss) if cfg.method == "sft"
+              else PreferenceModel(model, t.loss_chunk_size, low, t.fused_loss, cfg))
+    loss_model, opt = acc.prepare(module, opt)
     # fp16 needs loss scaling. torch's GradScaler is what Accelerate builds for fp16 on GPUs; used directly so the
     # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
     scaler = torch.amp.GradScaler(acc.device.type) if dtype == torch.float16 else None
@@ -192,10 +218,15 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
               val_prompts, val_answers)
     # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
     if t.fused_loss:
-        first = s.inputs(batches[plan[0][0]][:1])
-        check_loss(loss_model, first, cfg.base_model, rtol=1e-4 if dtype == torch.float32 else 2e-2)
+        rtol = 1e-4 if dtype == torch.float32 else 2e-2
+        if cfg.method == "sft":
+            check_loss(loss_model, s.inputs(batches[plan[0][0]][:1]), cfg.base_model, rtol=rtol)
+        else:
+            check_logps(s, rtol)
         if hasattr(loss_model, "reshard"):  # FSDP2 leaves the root's parameters gathered after a forward
             loss_model.reshard()
+    if cfg.method != "sft":  # rewards and Generator (GRPO), precomputed reference log-probs (precompute_ref)
+        s.method = prepare_state(s, resume)
     return s
 
 
@@ -209,7 +240,7 @@ def fit(s: Setup, resume: bool = False, on_eval: OnEval | None = None) -> dict[s
 
     SIGTERM / Ctrl-C ask for a checkpoint and a clean exit; the previous handlers are back once this returns, so a
     notebook or the UI that called it still gets its Ctrl-C."""
-    with _stop_on_signal() as stop_requested:
+    with _stop_on_signal() as stop_requested, tracking.ending(s.accelerator, s.cfg):
         return _loop(s, resume, stop_requested, on_eval)
 
 
@@ -230,30 +261,36 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        tracking.start(acc, cfg, out, start)  # before the trim: rows past `start` are steps the trackers hold
         _trim_metrics(out / "metrics.jsonl", start)
         for line in s.report.lines():
             acc.print(line)
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
     t0, tokens_seen, last, skipped_in_a_row, skipped = time.time(), 0, {}, 0, 0
     smooth = Smoothed(total)
+    metrics: dict[str, float | None] = {}  # the step's reward margins, rewards, ... (methods other than sft)
     s.loss_model.train()
     for step in range(start, total):
         group = [s.batches[i] for i in s.plan[step]]
         # 1) normalise by the trained tokens of the whole step (all ranks, all micro-batches), so grad accumulation
-        #    and multi-process give exactly the gradient of one big batch; DDP averages, hence the * world
-        n_targets = sum(ex.n_targets for b in group for ex in examples_in(b))
-        mine = group[rank::world]
+        #    and multi-process give exactly the gradient of one big batch; DDP averages, hence the * world. Other
+        #    methods: by the step's pairs / answers / completions (their loss modules return sums over those)
+        n_targets = (sum(ex.n_targets for b in group for ex in examples_in(b)) if cfg.method == "sft"
+                     else step_units(cfg, group))
+        mine = s.plan[step][rank::world]
         step_loss = torch.zeros((), device=acc.device)
-        for j, batch in enumerate(mine):
-            inputs = s.inputs(batch)
+        step_metrics = MetricSums()  # reward margins, accuracies, log-probs (preference); rewards (GRPO)
+        for j, i in enumerate(mine):
+            micro = prepare(s, i, step, j, group)  # SFT: s.inputs; DPO...: + reference, KL; GRPO: samples
             sync = j == len(mine) - 1
             with acc.no_sync(s.loss_model) if not sync else contextlib.nullcontext():
-                loss_sum = s.loss_model(**inputs)
+                loss_sum = step_metrics.add(s.loss_model(**micro.inputs), micro.metrics)
                 scaled = loss_sum * world / n_targets
                 acc.backward(s.scaler.scale(scaled) if s.scaler else scaled)
             step_loss += loss_sum.detach()
-            tokens_seen += sum(len(ex.input_ids) for ex in examples_in(batch))
+            tokens_seen += micro.tokens
         loss = acc.reduce(step_loss, reduction="sum").item() / n_targets
+        metrics = step_metrics.reduce(acc)
         if not math.isfinite(loss):  # every rank sees the same reduced value, so all stop together
             raise TrainingError(_diverged(step + 1, loss, t, fp16=s.scaler is not None))
         # 2) clip, step (fp16: skipped when the scaled gradients overflowed, and the scale lowered), schedule
@@ -278,14 +315,17 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         loss_smooth = smooth.add(loss)
         last = {"step": step + 1, "loss": round(loss, 5), "lr": s.scheduler.get_last_lr()[0],
                 "grad_norm": round(float(grad_norm), 5) if grad_norm is not None and math.isfinite(grad_norm) else None,
-                "target_tokens": n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2)}
+                UNITS[cfg.method]: n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2),
+                **metrics}
         if skipped_in_a_row:
             last["skipped"] = True  # fp16 overflow: this step changed no weights
         if t.eval_every > 0 and (step + 1) % t.eval_every == 0 and s.val_batches and step + 1 < total:
             last.update(evaluate(s))
-        if acc.is_main_process and ((step + 1) % t.log_every == 0 or "eval_loss" in last):
+        evaluated = any(k.startswith("eval_") for k in last)
+        if acc.is_main_process and ((step + 1) % t.log_every == 0 or evaluated):
             _append_jsonl(out / "metrics.jsonl", last)
-        if on_eval is not None and "eval_loss" in last and acc.is_main_process:
+            tracking.log(acc, last)
+        if on_eval is not None and evaluated and acc.is_main_process:
             on_eval(step + 1, {k: v for k, v in last.items() if k.startswith("eval_")})
         bar.set_postfix(loss=f"{loss_smooth:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
@@ -300,15 +340,17 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
     # 4) final eval and the run folder: adapter, tokenizer + template, metrics, loss curve, summary
     summary = {"steps": total, "final_loss": last.get("loss"), "train_tokens_per_s": last.get("tokens_per_s"),
                "train_time_s": round(time.time() - t0, 1), "data": s.report.lines(), "world_size": world,
-               "dtype": str(next(s.model.parameters()).dtype)}
+               "dtype": str(next(s.model.parameters()).dtype), "method": cfg.method, **metrics}
     if s.scaler:
         summary["fp16_skipped_steps"] = skipped
     if s.val_batches:
         final_eval = evaluate(s)
         summary.update(final_eval)
-        summary["eval_ppl"] = round(math.exp(min(summary["eval_loss"], 50)), 3)
+        if cfg.method == "sft":
+            summary["eval_ppl"] = round(math.exp(min(summary["eval_loss"], 50)), 3)
         if acc.is_main_process:
             _append_jsonl(out / "metrics.jsonl", {"step": total, **final_eval})
+            tracking.log(acc, {"step": total, **final_eval})
             if on_eval is not None:
                 on_eval(total, final_eval)
     weights, _ = full_state(s.loss_model, _trainable(s))  # every rank: under FSDP each holds only a shard
@@ -326,6 +368,7 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         (out / "chat_template.jinja").write_text(s.tokenizer.chat_template or "")
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracking.log_files(acc, out, total)
         acc.print(f"done: {out} (loss {summary['final_loss']}, eval {summary.get('eval_loss')}, "
                   f"{summary['train_tokens_per_s']} tok/s, {summary['train_time_s']} s)")
     acc.wait_for_everyone()
@@ -333,7 +376,10 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
 
 
 def evaluate(s: Setup) -> dict[str, float]:
-    """Validation loss and, when the answers are labels, accuracy of the best-scoring label (`eval_accuracy`)."""
+    """Validation loss and, when the answers are labels, accuracy of the best-scoring label (`eval_accuracy`).
+    Other methods: `methods.evaluate` (their loss, `eval_preference_accuracy`, GRPO's `eval_reward_mean`)."""
+    if s.cfg.method != "sft":
+        return evaluate_method(s)
     res = {"eval_loss": evaluate_loss(s)}
     if s.labels and s.val_prompts:
         from .evaluate import label_accuracy
@@ -377,7 +423,7 @@ def _trainable(s: Setup) -> set[str]:
 
 
 _RESUME_FREE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
-                "train.keep_checkpoints"}
+                "train.keep_checkpoints", "train.report_to"}
 """Keys that may change between a run and its resume; anything else would silently train a different run."""
 
 

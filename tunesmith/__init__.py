@@ -27,6 +27,11 @@ def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:
     return __getattr__
 
 
+DECODE_WEIGHTS_HELP = ("transformers engine: auto (default) decodes from int8 copies of the weights on a CPU (about "
+                       "2x the tokens/s, answers very close to exact; prompts and scoring stay exact), exact elsewhere")
+"""One help text for `tunesmith chat|serve|ui --decode-weights` (finetune/quantize.py has the measurements)."""
+
+
 EXTRAS: dict[str, tuple[str, ...]] = {
     "chains": ("langchain_core", "langchain", "langchain_text_splitters", "faiss"),
     "ui": ("gradio", "fastapi", "uvicorn", "langchain_core", "langchain", "langchain_text_splitters", "faiss"),

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from tunesmith import MissingExtraError, extra_of, require_extra
+from tunesmith import DECODE_WEIGHTS_HELP, MissingExtraError, extra_of, require_extra
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -87,7 +87,8 @@ def _chat(a: argparse.Namespace) -> int:
     if a.base and a.engine == "llama.cpp":
         print("error: --base needs --engine transformers: the llama.cpp engine serves the merged model.", file=sys.stderr)
         return 2
-    gen = load_generator(a.run, engine=a.engine)
+    kw = {"decode_weights": a.decode_weights} if a.engine == "transformers" else {}
+    gen = load_generator(a.run, engine=a.engine, **kw)
     params = GenerationParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                               repetition_penalty=a.repetition_penalty, use_adapter=not a.base)
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
@@ -126,7 +127,14 @@ def _chat(a: argparse.Namespace) -> int:
 
 
 def _preview(a: argparse.Namespace) -> int:
-    from tunesmith.finetune import DataReport, build_examples, format_preview, load_config, load_records, load_tokenizer
+    from tunesmith.finetune import (
+        DataReport,
+        format_preview,
+        load_config,
+        load_records,
+        load_tokenizer,
+        preview_examples,
+    )
 
     if a.source.endswith((".yaml", ".yml")):
         cfg = load_config(a.source, a.overrides)
@@ -142,7 +150,9 @@ def _preview(a: argparse.Namespace) -> int:
     records = load_records(files)[a.start: a.start + a.n]
     report = DataReport()
     color = sys.stdout.isatty() and not a.no_color
-    for ex in build_examples(records, tok, cfg.data, report):
+    for title, ex in preview_examples(records, tok, cfg, report):  # preference pairs: chosen, then rejected
+        if title:
+            print(f"== {title}")
         print(format_preview(ex, tok, color=color))
         print()
     for line in report.lines():
@@ -205,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("config", help="YAML config every trial starts from")
     w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
     w.add_argument("--trials", type=int, required=True, help="trials in total; a rerun runs only the missing ones")
-    w.add_argument("--metric", choices=["auto", "eval_loss", "eval_accuracy"], default="auto",
-                   help="what to optimise (auto: eval_accuracy when the answers are labels, else eval_loss)")
+    w.add_argument("--metric", choices=["auto", "eval_loss", "eval_accuracy", "eval_preference_accuracy",
+                                        "eval_reward_mean"], default="auto",
+                   help="what to optimise (auto: eval_accuracy when the answers are labels, else eval_loss; "
+                        "eval_preference_accuracy for dpo/orpo/simpo, eval_reward_mean for grpo)")
     w.add_argument("--space", default=None, help="search-space YAML (default: lr, epochs, LoRA rank; see README)")
     w.add_argument("--out", default=None, help="sweep folder (default: OUTPUT_DIR-sweep)")
     w.add_argument("--seed", type=int, default=None, help="sampler seed (default: the config's seed)")
@@ -223,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repetition-penalty", type=float, default=1.1)
     c.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
                    help="llama.cpp: serve the run's GGUF (exported on first use) through the xllamacpp wheel")
+    c.add_argument("--decode-weights", choices=["auto", "exact", "int8"], default="auto", help=DECODE_WEIGHTS_HELP)
     c.set_defaults(func=_chat)
 
     d = sub.add_parser("data", help="inspect training data")

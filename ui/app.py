@@ -22,6 +22,7 @@ from tunesmith.finetune import Completion, GenerationParams, ModelLoadError, fit
 
 from .documents import MAX_FILE_BYTES, DocAnswer, ask_documents
 from .pool import ModelPool, UnknownModelError
+from .train_form import MAX_DATA_BYTES
 
 log = logging.getLogger("tunesmith.ui")
 
@@ -121,6 +122,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
               ask: Callable[..., DocAnswer] = ask_documents) -> gr.Blocks:
     """The app; launch it with `launch(app, ...)`. `ask` answers over a document folder (the `chains/` RAG)."""
     from .documents_tab import documents_tab
+    from .train_tab import train_tab
 
     turns = Turns()
 
@@ -332,6 +334,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
                                     placeholder="e.g. You are a concise assistant.", elem_id="system")
                 sampling = sampling_sliders("")
         doc_model = documents_tab(pool, ask, choices, concurrency)
+        runs_changed = train_tab(pool)  # Train and Runs tabs; training runs in child processes (ui/jobs.py)
 
         # -- wiring --------------------------------------------------------------------------------------------
         gen_inputs = [chat_a, chat_b, model_a, model_b, system, *sampling]
@@ -354,7 +357,8 @@ def build_app(pool: ModelPool, concurrency: int = 4,
         model_a.change(trained_prompt, model_a, system, **fast)
         model_b.change(lambda m: gr.Chatbot(visible=m != NONE), model_b, chat_b, **fast)
         app.load(restore, [saved, model_a], [chat_a, chat_b, system], **fast)
-        refresh_btn.click(refresh, [model_a, model_b, doc_model], [model_a, model_b, doc_model, status], **fast)
+        for trigger in (refresh_btn.click, runs_changed.change):  # a run that finished is chattable at once
+            trigger(refresh, [model_a, model_b, doc_model], [model_a, model_b, doc_model, status], **fast)
         gr.api(chat_api, api_name="chat", concurrency_limit=concurrency, concurrency_id=GENERATE)
     return app
 
@@ -382,7 +386,7 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, aut
     app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     # quiet: Gradio's own banner tells people to edit launch(); ours names the command-line flags instead
     app.launch(server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=True,
-               max_file_size=MAX_FILE_BYTES, show_error=True, ssr_mode=False, quiet=True,
+               max_file_size=max(MAX_FILE_BYTES, MAX_DATA_BYTES), show_error=True, ssr_mode=False, quiet=True,
                theme=gr.themes.Soft(), css=CSS)
     print(f"tunesmith UI on {app.local_url}", flush=True)
     if share:

@@ -30,10 +30,34 @@ def test_train_bench_seeds_on_permuted_files_and_file_order_experiment():
     assert " +- " in out  # loss mean +- sd over the two seeds
 
 
-def test_chat_bench_tiny_prints_tables():
+def _rows(table: str) -> dict[str, list[str]]:
+    """The data rows of a printed `_table`, by their first cell."""
+    lines = [ln for ln in table.splitlines() if " | " in ln]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.split(" | ")] for ln in lines[1:])}
+
+
+def test_chat_bench_tiny_prints_every_engine_in_both_tables():
+    import importlib.util
+
     out = _run("chat_bench.py")
-    assert "TTFT ms" in out and "vs pipeline" in out
-    assert "tunesmith Generator.stream" in out and "tunesmith Generator.batch" in out
+    head, _, batched = out.partition("\nBatched: 16 concurrent requests")
+    assert "torch.get_num_threads()=" in head and "dtype=" in head and " UTC" in head and "machine: " in head
+    engines = ["tunesmith", "tunesmith-int8", "transformers"]
+    if importlib.util.find_spec("xllamacpp"):
+        engines.append("llama.cpp")  # the tiny model exported to a tiny f16 GGUF
+    else:
+        assert "note: llama.cpp: skipped: xllamacpp is not installed" in out
+    single, many = _rows(head.split("Single stream")[1]), _rows(batched)
+    assert list(single) == engines and list(many) == engines, out
+    assert single["transformers"][3] == "1.00x"  # decode tok/s vs HF of the HF row itself
+    assert all(r[4].endswith("x") for r in many.values())  # batched / single-stream for every engine
+
+
+def test_chat_bench_only_reruns_one_engine():
+    out = _run("chat_bench.py", "--only", "tunesmith-int8", "--concurrency", "4")
+    single = _rows(out.partition("Batched:")[0].split("Single stream")[1])
+    assert list(single) == ["tunesmith-int8"] and single["tunesmith-int8"][3:5] == ["-", "-"], out
+    assert list(_rows(out.partition("Batched:")[2])) == ["tunesmith-int8"]
 
 
 def test_api_latency_tiny_prints_table():

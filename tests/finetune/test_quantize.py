@@ -1,0 +1,80 @@
+"""Int8 decode weights: close to exact where used, bit-exact everywhere else (prompts, scoring, training)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.finetune.generate import GenerationParams, load_generator
+from tunesmith.finetune.quantize import INT8_MAX_ROWS, Int8DecodeLinear, int8_reads, resolve_decode_weights
+
+GREEDY = GenerationParams(max_new_tokens=6, temperature=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_reads_int8_only_for_few_rows_inside_generation(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True).to(dtype)
+    q = Int8DecodeLinear(lin)
+    assert q.weight is lin.weight and q.bias is lin.bias  # tied weights stay tied
+    dequant = q.qweight.float() * q.qscale.float()[:, None]
+    assert ((dequant - lin.weight.float()).abs() <= q.qscale.float()[:, None] * 0.51).all()  # round to nearest
+    few, many = torch.randn(1, INT8_MAX_ROWS, 64, dtype=dtype), torch.randn(2, INT8_MAX_ROWS, 64, dtype=dtype)
+    with torch.inference_mode():
+        assert torch.equal(q(few), F.linear(few, lin.weight, lin.bias))  # outside generation: exact
+        with int8_reads():
+            got = q(few)
+            assert torch.equal(q(many), F.linear(many, lin.weight, lin.bias))  # a prompt: exact weights
+    want = F.linear(few.float(), dequant, lin.bias.float())
+    assert not torch.equal(got, F.linear(few, lin.weight, lin.bias))  # the int8 kernel really ran
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    with int8_reads():  # a training step (grad on) never reads int8
+        assert torch.equal(q(few), F.linear(few, lin.weight, lin.bias))
+
+
+def test_int8_run_decodes_close_to_exact_and_keeps_base_and_scoring_exact(tiny_run_dir: Path) -> None:
+    exact = load_generator(tiny_run_dir, dtype=torch.float32)
+    fast = load_generator(tiny_run_dir, dtype=torch.float32, decode_weights="int8")
+    swapped = [n for n, m in fast.model.named_modules() if isinstance(m, Int8DecodeLinear)]
+    assert any(n.endswith("base_layer") for n in swapped) and any(n.endswith("lm_head") for n in swapped)
+    assert not any("lora_" in n for n in swapped)  # the adapter's own matrices stay exact
+    prompt = [{"role": "user", "content": "hello there"}]
+
+    # one decode step's logits, int8 vs exact, through the same generate path
+    p = GenerationParams(max_new_tokens=2, temperature=0, logprobs=True, top_logprobs=5)
+    a, b = exact.generate(prompt, p), fast.generate(prompt, p)
+    assert a.logprobs is not None and b.logprobs is not None
+    assert a.logprobs[0].token == b.logprobs[0].token  # the first token comes from the (exact) prompt pass
+    assert abs(a.logprobs[1].logprob - b.logprobs[1].logprob) < 0.05 or a.logprobs[1].token != b.logprobs[1].token
+
+    # base answers per thread still skip the adapter
+    tuned = fast.generate(prompt, GREEDY).text
+    base = fast.generate(prompt, GenerationParams(max_new_tokens=6, temperature=0, use_adapter=False)).text
+    assert tuned != base
+
+    # scoring and prompt log-probs read the exact weights, also while another thread generates
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            fast.generate(prompt, GREEDY)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        assert fast.score([prompt], ["yes", "no"]) == exact.score([prompt], ["yes", "no"])
+        assert fast.prompt_logprobs("a b") == exact.prompt_logprobs("a b")
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_decode_weights_choice() -> None:
+    assert resolve_decode_weights("auto", torch.device("cpu")) == "int8"
+    assert resolve_decode_weights("auto", torch.device("cuda")) == "exact"
+    with pytest.raises(ValueError, match="pick one of auto, exact, int8"):
+        resolve_decode_weights("int4", torch.device("cpu"))
