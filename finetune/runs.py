@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .config import Config, ConfigError, config_to_dict
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
@@ -207,3 +209,57 @@ def plot_losses(metrics: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
+
+
+_RESUME_FREE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
+                "train.keep_checkpoints", "train.report_to"}
+"""Keys that may change between a run and its resume; anything else would silently train a different run."""
+
+
+def check_same_config(cfg: Config, saved: Path) -> None:
+    if not saved.exists():
+        return
+    import yaml
+
+    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(config_to_dict(cfg))
+    changed = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, new[k]) != new[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"--resume with a config that differs from {saved} ({diffs}). Resume with the same "
+                          "settings, or start a new run with another output_dir.")
+
+
+def check_same_schedule(ck: Path, total: int, world: int, cfg: Config) -> None:
+    """The LR schedule (warmup, decay) and the data plan are laid out over the total steps and the number of
+    processes: resuming with either changed would silently train a different run than the one checkpointed."""
+    meta = read_trainer_state(ck)
+    old_total, old_world = meta.get("total_steps", total), meta.get("world_size", world)
+    if old_total != total:
+        t = cfg.train
+        raise ConfigError(
+            f"--resume: {ck} belongs to a run of {old_total} optimizer steps, but this config gives {total} "
+            f"(train.max_steps={t.max_steps}, train.epochs={t.epochs}). The learning-rate schedule is laid out over "
+            f"the total, so changing it would silently change the run. Resume with the run's own train.max_steps / "
+            f"train.epochs (see {ck.parents[1] / 'config.yaml'}), or start a new run with another output_dir.")
+    if old_world != world:
+        raise ConfigError(
+            f"--resume: {ck} was trained on {old_world} processes, this launch has {world}. Each step's data is split "
+            f"across processes, so resume with {old_world} processes (accelerate launch --num_processes "
+            f"{old_world}), or start a new run with another output_dir.")
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_metrics(path: Path, start: int) -> None:
+    """On resume, drop metric rows past the checkpoint so the log matches an uninterrupted run."""
+    if path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= start))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import tracking
+from . import methods, tracking  # methods: dpo / orpo / simpo / kto / grpo (data, loss module, metrics, eval)
 from .config import Config, ConfigError, save_config
 from .data import (
     DataReport,
@@ -35,33 +35,23 @@ from .data import (
 )
 from .errors import TrainingError
 from .loss import LossModel, check_loss
-from .methods import (
-    UNITS,
-    MetricSums,
-    PreferenceModel,
-    build_batches,
-    check_data_kind,
-    check_logps,
-    prepare,
-    prepare_state,
-    step_units,
-)
-from .methods import evaluate as evaluate_method
 from .metrics import resolve_labels
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import (
     Smoothed,
+    append_metrics,
     atomic_dir,
+    check_same_config,
+    check_same_schedule,
     full_state,
     latest_checkpoint,
     load_checkpoint,
     plot_losses,
     prune_checkpoints,
-    read_metrics,
-    read_trainer_state,
     save_adapter,
     save_checkpoint,
     save_full_model,
+    trim_metrics,
 )
 
 if TYPE_CHECKING:
@@ -143,7 +133,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         train_recs, val_recs = split_validation(train_recs, cfg.data.val_set_size, cfg.seed)
     report = DataReport()
     t = cfg.train
-    check_data_kind(cfg.method, train_recs[0])  # SFT given preference pairs: say `method: dpo`
+    methods.check_data_kind(cfg.method, train_recs[0])  # SFT given preference pairs: say `method: dpo`
     labels, val_prompts, val_answers = None, cast("list[Any]", []), cast("list[str]", [])
     if cfg.method == "sft":
         train_ex = build_examples(train_recs, tok, cfg.data, report)
@@ -155,7 +145,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         batches = micro_batches(train_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing, seed=cfg.seed)
         val_batches = micro_batches(val_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing)
     else:  # preference pairs, KTO answers or GRPO prompts (finetune/methods.py)
-        batches, val_batches = build_batches(cfg, tok, train_recs, val_recs, report)
+        batches, val_batches = methods.build_batches(cfg, tok, train_recs, val_recs, report)
     _check_max_length(cfg)
 
     # 2) the plan: which micro-batches each optimizer step uses, for every rank, reshuffled each epoch
@@ -209,7 +199,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
     module = (LossModel(model, t.loss_chunk_size, autocast_dtype=low, fused=t.fused_loss) if cfg.method == "sft"
-              else PreferenceModel(model, t.loss_chunk_size, low, t.fused_loss, cfg))
+              else methods.PreferenceModel(model, t.loss_chunk_size, low, t.fused_loss, cfg))
     loss_model, opt = acc.prepare(module, opt)
     # fp16 needs loss scaling. torch's GradScaler is what Accelerate builds for fp16 on GPUs; used directly so the
     # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
@@ -222,11 +212,11 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         if cfg.method == "sft":
             check_loss(loss_model, s.inputs(batches[plan[0][0]][:1]), cfg.base_model, rtol=rtol)
         else:
-            check_logps(s, rtol)
+            methods.check_logps(s, rtol)
         if hasattr(loss_model, "reshard"):  # FSDP2 leaves the root's parameters gathered after a forward
             loss_model.reshard()
     if cfg.method != "sft":  # rewards and Generator (GRPO), precomputed reference log-probs (precompute_ref)
-        s.method = prepare_state(s, resume)
+        s.method = methods.prepare_state(s, resume)
     return s
 
 
@@ -254,15 +244,15 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
     total = len(s.plan)
     start = 0
     if resume and (ck := latest_checkpoint(out)) is not None:
-        _check_same_config(cfg, out / "config.yaml")
-        _check_same_schedule(ck, total, world, cfg)
+        check_same_config(cfg, out / "config.yaml")
+        check_same_schedule(ck, total, world, cfg)
         start = load_checkpoint(ck, s.loss_model, s.optimizer.optimizer, s.scheduler, s.scaler)
         acc.print(f"resumed from {ck} (step {start})")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         tracking.start(acc, cfg, out, start)  # before the trim: rows past `start` are steps the trackers hold
-        _trim_metrics(out / "metrics.jsonl", start)
+        trim_metrics(out / "metrics.jsonl", start)
         for line in s.report.lines():
             acc.print(line)
     bar = tqdm(total=total, initial=start, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
@@ -276,12 +266,12 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         #    and multi-process give exactly the gradient of one big batch; DDP averages, hence the * world. Other
         #    methods: by the step's pairs / answers / completions (their loss modules return sums over those)
         n_targets = (sum(ex.n_targets for b in group for ex in examples_in(b)) if cfg.method == "sft"
-                     else step_units(cfg, group))
+                     else methods.step_units(cfg, group))
         mine = s.plan[step][rank::world]
         step_loss = torch.zeros((), device=acc.device)
-        step_metrics = MetricSums()  # reward margins, accuracies, log-probs (preference); rewards (GRPO)
+        step_metrics = methods.MetricSums()  # reward margins, accuracies, log-probs (preference); rewards (GRPO)
         for j, i in enumerate(mine):
-            micro = prepare(s, i, step, j, group)  # SFT: s.inputs; DPO...: + reference, KL; GRPO: samples
+            micro = methods.prepare(s, i, step, j, group)  # SFT: s.inputs; DPO...: + reference, KL; GRPO: samples
             sync = j == len(mine) - 1
             with acc.no_sync(s.loss_model) if not sync else contextlib.nullcontext():
                 loss_sum = step_metrics.add(s.loss_model(**micro.inputs), micro.metrics)
@@ -315,7 +305,7 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         loss_smooth = smooth.add(loss)
         last = {"step": step + 1, "loss": round(loss, 5), "lr": s.scheduler.get_last_lr()[0],
                 "grad_norm": round(float(grad_norm), 5) if grad_norm is not None and math.isfinite(grad_norm) else None,
-                UNITS[cfg.method]: n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2),
+                methods.UNITS[cfg.method]: n_targets, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 2),
                 **metrics}
         if skipped_in_a_row:
             last["skipped"] = True  # fp16 overflow: this step changed no weights
@@ -323,7 +313,7 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
             last.update(evaluate(s))
         evaluated = any(k.startswith("eval_") for k in last)
         if acc.is_main_process and ((step + 1) % t.log_every == 0 or evaluated):
-            _append_jsonl(out / "metrics.jsonl", last)
+            append_metrics(out / "metrics.jsonl", last)
             tracking.log(acc, last)
         if on_eval is not None and evaluated and acc.is_main_process:
             on_eval(step + 1, {k: v for k, v in last.items() if k.startswith("eval_")})
@@ -349,7 +339,7 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
         if cfg.method == "sft":
             summary["eval_ppl"] = round(math.exp(min(summary["eval_loss"], 50)), 3)
         if acc.is_main_process:
-            _append_jsonl(out / "metrics.jsonl", {"step": total, **final_eval})
+            append_metrics(out / "metrics.jsonl", {"step": total, **final_eval})
             tracking.log(acc, {"step": total, **final_eval})
             if on_eval is not None:
                 on_eval(total, final_eval)
@@ -379,7 +369,7 @@ def evaluate(s: Setup) -> dict[str, float]:
     """Validation loss and, when the answers are labels, accuracy of the best-scoring label (`eval_accuracy`).
     Other methods: `methods.evaluate` (their loss, `eval_preference_accuracy`, GRPO's `eval_reward_mean`)."""
     if s.cfg.method != "sft":
-        return evaluate_method(s)
+        return methods.evaluate(s)
     res = {"eval_loss": evaluate_loss(s)}
     if s.labels and s.val_prompts:
         from .evaluate import label_accuracy
@@ -422,51 +412,6 @@ def _trainable(s: Setup) -> set[str]:
     return {f"peft_model.{n}" for n, p in s.model.named_parameters() if p.requires_grad}
 
 
-_RESUME_FREE = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.log_every",
-                "train.keep_checkpoints", "train.report_to"}
-"""Keys that may change between a run and its resume; anything else would silently train a different run."""
-
-
-def _check_same_config(cfg: Config, saved: Path) -> None:
-    if not saved.exists():
-        return
-    import yaml
-
-    from .config import config_to_dict
-
-    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
-    old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(config_to_dict(cfg))
-    changed = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, new[k]) != new[k])
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-        raise ConfigError(f"--resume with a config that differs from {saved} ({diffs}). Resume with the same "
-                          "settings, or start a new run with another output_dir.")
-
-
-def _check_same_schedule(ck: Path, total: int, world: int, cfg: Config) -> None:
-    """The LR schedule (warmup, decay) and the data plan are laid out over the total steps and the number of
-    processes: resuming with either changed would silently train a different run than the one checkpointed."""
-    meta = read_trainer_state(ck)
-    old_total, old_world = meta.get("total_steps", total), meta.get("world_size", world)
-    if old_total != total:
-        t = cfg.train
-        raise ConfigError(
-            f"--resume: {ck} belongs to a run of {old_total} optimizer steps, but this config gives {total} "
-            f"(train.max_steps={t.max_steps}, train.epochs={t.epochs}). The learning-rate schedule is laid out over "
-            f"the total, so changing it would silently change the run. Resume with the run's own train.max_steps / "
-            f"train.epochs (see {ck.parents[1] / 'config.yaml'}), or start a new run with another output_dir.")
-    if old_world != world:
-        raise ConfigError(
-            f"--resume: {ck} was trained on {old_world} processes, this launch has {world}. Each step's data is split "
-            f"across processes, so resume with {old_world} processes (accelerate launch --num_processes "
-            f"{old_world}), or start a new run with another output_dir.")
-
-
 def _base_meta(cfg: Config) -> dict[str, Any]:
     return {"base_model": cfg.base_model, "fingerprint": base_fingerprint(resolve_base_model(cfg.base_model)),
             "summary": f"{cfg.base_model}"}
@@ -494,17 +439,6 @@ def _seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _trim_metrics(path: Path, start: int) -> None:
-    """On resume, drop metric rows past the checkpoint so the log matches an uninterrupted run."""
-    if path.exists():
-        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= start))
 
 
 @contextlib.contextmanager

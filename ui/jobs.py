@@ -194,8 +194,11 @@ class JobManager:
     def current(self) -> Job | None:
         """What a fresh page shows: the running job, else the next queued one, else the last one submitted."""
         with self._lock:
-            return self._running or (self._queue[0] if self._queue else None) or (self._jobs[-1] if self._jobs
-                                                                                 else None)
+            if self._running is not None:
+                return self._running
+            if self._queue:
+                return self._queue[0]
+            return self._jobs[-1] if self._jobs else None
 
     def place(self, job: Job) -> int | None:
         """1 for the next job to start, 2 after it...; None when the job is not queued."""

@@ -387,6 +387,11 @@ def inspect_data(cfg: Config) -> DataView:
     """Formats, record and token counts, and the tokenized records (what `tunesmith data preview` shows)."""
     if not cfg.data.train:
         return DataView("Pick or upload a training file to see its format, counts and a preview.")
+    method = getattr(cfg, "method", "sft")
+    if method != "sft":  # preference pairs, KTO labels, GRPO prompts: no single trained-on reply to mark
+        n = len(load_records(cfg.data.train))
+        return DataView(f"- {n} records for method **{method}**. The masked-token preview is for `sft` data; "
+                        "*Estimate* (the dry run) reads and checks these records as training will.")
     lines = []
     for f in cfg.data.train:
         first = next(iter(read_records(f)), None)

@@ -8,6 +8,7 @@ server's, so a reload or a second browser shows the same running job.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import threading
 from collections import OrderedDict
@@ -63,6 +64,10 @@ def train_tab(pool: ModelPool, manager: JobManager | None = None) -> gr.Number:
     runs_dir = pool.runs_dir
     views: OrderedDict[tuple[Any, ...], DataView] = OrderedDict()
     views_lock = threading.Lock()
+    computing: dict[tuple[Any, ...], threading.Lock] = {}
+    tickets = itertools.count()
+    latest: dict[str | None, int] = {}
+    """session -> its latest preview request (a number from `tickets`)."""
     first_raw = load_shipped(START_CONFIG)
     first = form_values(first_raw, runs_dir)
 
@@ -140,18 +145,30 @@ def train_tab(pool: ModelPool, manager: JobManager | None = None) -> gr.Number:
         key = (cfg.base_model, tuple(cfg.data.train), cfg.data.max_length, cfg.data.format, cfg.data.chat_template,
                cfg.data.system_prompt, cfg.data.train_on_prompt, cfg.data.on_bad_record)
         with views_lock:
-            if key in views:
-                views.move_to_end(key)
-                return views[key]
-        view = inspect_data(cfg)
-        with views_lock:
-            views[key] = view
-            while len(views) > 4:
-                views.popitem(last=False)
+            key_lock = computing.setdefault(key, threading.Lock())
+        with key_lock:  # the same files asked for twice at once (two events of one change) are read once
+            with views_lock:
+                if key in views:
+                    views.move_to_end(key)
+                    return views[key]
+            view = inspect_data(cfg)
+            with views_lock:
+                views[key] = view
+                computing.pop(key, None)
+                while len(views) > 4:
+                    views.popitem(last=False)
         return view
 
-    def preview(raw: dict[str, Any], folder: str | None, index: float, *values: Any) -> tuple[str, str, Any]:
-        """Detected format, counts and record `index` with its trained tokens marked, for the form's config."""
+    def preview(request: gr.Request, raw: dict[str, Any], folder: str | None, index: float,
+                *values: Any) -> tuple[Any, ...]:
+        """Detected format, counts and record `index` with its trained tokens marked, for the form's config. Only
+        the session's latest request is shown: an earlier one still tokenizing a big file must not overwrite it."""
+        ticket = next(tickets)
+        latest[request.session_hash] = ticket
+        shown = _preview(raw, folder, index, *values)
+        return shown if latest.get(request.session_hash) == ticket else (gr.skip(),) * 3
+
+    def _preview(raw: dict[str, Any], folder: str | None, index: float, *values: Any) -> tuple[Any, ...]:
         cfg, problem = validated(current_raw(raw, values), folder)
         if cfg is None:
             return error_markdown(problem), "", gr.skip()
@@ -285,7 +302,8 @@ def train_tab(pool: ModelPool, manager: JobManager | None = None) -> gr.Number:
                                     label="Validation data (optional: else data.val_set_size is held out)",
                                     elem_id="train-val")
         with gr.Accordion("Data: detected format, counts and what is trained on", open=True):
-            data_report = gr.Markdown(elem_id="train-data-report")
+            data_report = gr.Markdown("Upload or pick training data to see its format, counts and what is trained "
+                                      "on.", elem_id="train-data-report")
             record = gr.Number(0, precision=0, minimum=0, label="Record to preview", elem_id="train-record")
             preview_box = gr.HTML(elem_id="train-preview")
         with gr.Row():

@@ -28,11 +28,11 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(model: Path, out: Path, *extra: str) -> str:
+def _launch(model: Path, out: Path, *extra: str, config: Path = ROOT / "configs/accelerate/cpu_2proc.yaml",
+            entry: tuple[str, ...] = ("-m", "tunesmith.cli", "train")) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    args = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-            "--main_process_port", "0", "-m", "tunesmith.cli", "train", str(QUICKSTART), f"base_model={model}",
-            f"output_dir={out}", *COMMON, "train.grad_accum=1", *extra]
+    args = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port", "0", *entry,
+            str(QUICKSTART), f"base_model={model}", f"output_dir={out}", *COMMON, "train.grad_accum=1", *extra]
     p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
@@ -63,3 +63,27 @@ def test_kto_and_grpo_train_on_two_processes(tiny_model_dir: Path, tmp_path: Pat
             "grpo.max_new_tokens=4", "grpo.rewards=[{name: regex, pattern: '[aeiou]'}]")
     rows = _rows(grpo)
     assert len(rows) == 4 and rows[0]["completions"] == 8 and "reward_mean/regex(pattern=[aeiou])" in rows[0]
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_equals_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """FSDP2 (the shipped fsdp.yaml settings) on 2 CPU ranks, with the reference precomputed from the sharded model
+    (unshard, forward with the adapter off, reshard) and evals in between: the same losses, rewards and eval
+    preference accuracy as one process accumulating 2 micro-batches."""
+    import yaml
+
+    launch_cfg = yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text()) | {"use_cpu": True}
+    (tmp_path / "fsdp_cpu.yaml").write_text(yaml.safe_dump(launch_cfg))
+    dpo = ["method=dpo", f"data.train=[{FIX / 'pairs.jsonl'}]", "dpo.precompute_ref=true", "data.val_set_size=2",
+           "train.eval_every=2"]
+    ref = tmp_path / "one"
+    train(load_config(QUICKSTART, [f"base_model={tiny_model_dir}", f"output_dir={ref}", *COMMON, *dpo,
+                                   "train.grad_accum=2"]))
+    out = tmp_path / "fsdp"
+    log = _launch(tiny_model_dir, out, *dpo, config=tmp_path / "fsdp_cpu.yaml",
+                  entry=(str(ROOT / "tests/finetune/fsdp_cpu_entry.py"),))
+    assert log.count("fsdp: ok FSDPPreferenceModel") == 2, log[-3000:]
+    keys = ("loss", "reward_margin", "eval_loss", "eval_preference_accuracy")
+    for a, b in zip(_rows(ref), _rows(out), strict=True):
+        assert {k: b[k] for k in keys if k in a} == pytest.approx({k: a[k] for k in keys if k in a}, rel=1e-4,
+                                                                  abs=1e-5)

@@ -23,6 +23,7 @@ from tunesmith.ui.train_form import (
     form_values,
     inspect_data,
     load_shipped,
+    methods,
     offered,
     parse_yaml,
     preview_html,
@@ -163,6 +164,15 @@ def test_data_report_and_masked_preview(tiny_model_dir, tmp_path):
     reply = next(m["content"] for m in first["messages"] if m["role"] == "assistant")
     trained = "".join(part.split(">", 1)[1] for part in html.split('<span class="trained"')[1:]).split("</span>")
     assert reply.split()[0] in "".join(trained)  # the assistant's reply is what is trained on
+
+
+def test_preference_data_is_counted_not_previewed(tmp_path):
+    if "dpo" not in methods():
+        pytest.skip("this config schema has no `method`")
+    cfg, message = check({"method": "dpo", "data": {"train": ["examples/data/pairs_train.jsonl"]}}, tmp_path)
+    assert cfg is not None, message
+    view = inspect_data(cfg)
+    assert "records for method **dpo**" in view.report and view.examples == []
 
 
 def test_shipped_yaml_round_trips_through_the_yaml_text(runs, tmp_path):
