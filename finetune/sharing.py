@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -165,3 +165,37 @@ def cpu_share() -> Iterator[CpuShare]:
             _budget[1] -= 1
         if share.threads != before:
             torch.set_num_threads(before)  # the calling thread may go on with other torch work
+
+
+T = TypeVar("T")
+
+
+def on_own_thread(fn: Callable[[], T], abort: threading.Event | None = None) -> T:
+    """`fn()` run in a thread that ends with it; its result returned, its exception raised here.
+
+    Why: libgomp keeps an OpenMP team alive for every thread that ever ran a parallel torch op, and once a process
+    holds more team threads than cores it throttles the spin-wait at every barrier. A model loaded, or one answer
+    generated, on the main thread leaves a team there for good, and every later generation on another thread (each
+    streamed reply, each server request) decoded at ~60% speed: SmolLM2-135M int8, 2 cores, 17.3 tok/s streamed
+    after one answer on the main thread vs 29.0 without it (benchmarks/README.md). A team of a thread that has
+    ended is gone, so model work on short-lived threads never leaves one behind. Ctrl-C while waiting sets `abort`
+    (a generation's cancel event), so the abandoned call stops at its next token."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True, name="tunesmith-model-call")
+    t.start()
+    try:
+        t.join()
+    except BaseException:
+        if abort is not None:
+            abort.set()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return cast(T, box["value"])

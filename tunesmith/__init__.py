@@ -28,7 +28,7 @@ def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:
 
 
 DECODE_WEIGHTS_HELP = ("transformers engine: auto (default) decodes from int8 copies of the weights on a CPU (about "
-                       "2x the tokens/s, answers very close to exact; prompts and scoring stay exact), exact elsewhere")
+                       "1.6x the tokens/s, answers very close to exact; prompts and scoring stay exact), exact elsewhere")
 """One help text for `tunesmith chat|serve|ui --decode-weights` (finetune/quantize.py has the measurements)."""
 
 

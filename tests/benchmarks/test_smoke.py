@@ -72,3 +72,22 @@ def test_gguf_bench_tiny_prints_table():
     pytest.importorskip("xllamacpp", reason="the GGUF benchmark needs the xllamacpp wheel")
     out = _run("gguf_bench.py", "--quants", "f16,q8_0")
     assert "generate: raw" in out and "stream: raw" in out and "q8_0" in out
+
+
+def test_dpo_bench_tiny_prints_both_trainers_and_their_losses_per_step():
+    import pytest
+
+    pytest.importorskip("trl", reason="the DPO benchmark compares against TRL (pip install -e '.[bench]')")
+    out = _run("dpo_bench.py")
+    speed, _, per_step = out.partition("Loss per step")
+    rows = _rows(speed)
+    assert list(rows) == ["tunesmith", "trl"], out
+    assert rows["trl"][2] == "1.00x" and rows["tunesmith"][2].endswith("x")  # tokens/s vs TRL
+    assert all(float(r[-1]) > 0 for r in rows.values())  # final loss
+    steps = _rows(per_step.split("\nnote:")[0])
+    assert list(steps) == ["1", "2", "3"], out
+    for tunesmith, trl, _diff in steps.values():
+        assert float(tunesmith) > 0 and float(trl) > 0
+    # step 1: the adapter starts as a no-op, so the policy is the reference and both losses are log 2
+    assert abs(float(steps["1"][0]) - 0.6931) < 2e-4 and abs(float(steps["1"][1]) - 0.6931) < 2e-4
+    assert "real tokens" in out
