@@ -18,6 +18,9 @@ Two problems of serving one model to many users on a CPU, solved here once for `
   `cpu_share()` gives each running model call an equal share of the CPU budget, so the threads of all calls
   together never outnumber the cores; `tunesmith serve|ui` also set `OMP_WAIT_POLICY=PASSIVE` before torch loads,
   so a waiting team thread sleeps instead of spinning (benchmarks/api_latency.py).
+- **No team on a long-lived thread.** A team outlives the call that made it, and a process holding more team
+  threads than cores makes every barrier of every team wait slowly: `on_own_thread` runs each model call (and the
+  model load) on a thread that ends with it.
 """
 
 from __future__ import annotations
