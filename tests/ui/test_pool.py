@@ -66,7 +66,7 @@ def test_a_run_deleted_while_loading_is_said_in_words(tmp_path, tiny_run_dir, mo
     shutil.copytree(tiny_run_dir, runs / "doomed")
     p = ModelPool(runs, default="embedded")
 
-    def load_after_delete(source):
+    def load_after_delete(source, **kw):
         shutil.rmtree(source)
         raise HFValidationError(f"Repo id must be in the form 'repo_name' or 'namespace/repo_name': '{source}'.")
 
@@ -83,7 +83,7 @@ def test_a_broken_run_load_error_names_the_run_and_the_fix(tmp_path, tiny_run_di
     shutil.copytree(tiny_run_dir, runs / "broken")
     p = ModelPool(runs, default="embedded")
 
-    def fail(source):
+    def fail(source, **kw):
         raise OSError("Unable to load weights from pytorch checkpoint file")
 
     monkeypatch.setattr(pool_mod, "load_generator", fail)
