@@ -18,6 +18,7 @@ This package is the only door `chains/`, `ui/` and the CLI use (a test checks th
 - generation: `load_generator`, `Generator`, `GenerationParams`, `Completion`, `Chunk`, `Prompt`, token
   log-probabilities (`TokenLogprobs`, `GeneratedLogprob`, `token_key`), `cut_at_stop`, the context window
   (`context_length`, `fit_context`, `ContextError`), and `UnsupportedRequest` (what an engine cannot serve).
+- runs: `read_metrics` (a run's metrics.jsonl, also while the trainer is still appending to it).
 - threads: `on_own_thread` (run torch work on a thread that ends with it, so no long-lived thread keeps an
   OpenMP team that slows every other thread's generation; the embeddings of `chains` use it too).
 - streams: `aiter_chunks` (a blocking stream, awaited on the event loop) and `merge_streams` (several streams
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
         resolve_source,
     )
     from .push import push_run
+    from .runs import read_metrics
     from .sharing import on_own_thread
     from .streams import aiter_chunks, merge_streams
     from .sweep import sweep
@@ -113,6 +115,7 @@ _WHERE = {
                      "resolve_base_model", "resolve_source"], ".model"),
     "on_own_thread": ".sharing",
     **dict.fromkeys(["aiter_chunks", "merge_streams"], ".streams"),
+    "read_metrics": ".runs",
     "sweep": ".sweep",
     "train": ".trainer",
 }
@@ -124,7 +127,7 @@ __all__ = [
     "Record", "Source", "TokenLogprobs", "USER_ERRORS", "UnsupportedRequest", "aiter_chunks", "build_examples", "build_section",
     "cache_dir", "check_values", "context_length", "cut_at_stop", "detect_format", "dry_run", "evaluate_run", "fit_context",
     "format_preview", "format_table", "is_run_dir", "load_config", "load_generator", "load_records", "load_run",
-    "load_tokenizer", "merge_run", "merge_streams", "on_own_thread", "parse_override", "preview_examples", "read_records", "read_yaml",
+    "load_tokenizer", "merge_run", "merge_streams", "on_own_thread", "parse_override", "preview_examples", "read_metrics", "read_records", "read_yaml",
     "resolve_base_model", "resolve_chat_template", "resolve_source", "save_config", "save_result", "sweep",
     "token_key", "train",
 ]

@@ -142,9 +142,13 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).exists():
+    """The rows of metrics.jsonl. Text after the last newline is a row still being written (read beside a running
+    trainer, or left by a run killed mid-write): it is not a row yet, and is skipped."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
 class Smoothed:

@@ -25,7 +25,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from tunesmith.finetune import read_metrics
 
 State = Literal["queued", "running", "stopping", "stopped", "finished", "failed", "cancelled"]
 ACTIVE: tuple[State, ...] = ("queued", "running", "stopping")
@@ -268,24 +270,9 @@ def log_tail(job: Job, lines: int = 30) -> str:
     return "\n".join([s for s in shown if s.strip()][-lines:])
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as it stands, while the trainer appends to it: a half-written last line is skipped."""
-    rows = []
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return [r for r in rows if isinstance(r, dict) and "step" in r]
-
-
 def progress(job: Job) -> Progress:
     """Step/total, losses, speed and ETA of a training job from its run folder (any state)."""
-    rows = read_rows(job.out / "metrics.jsonl")
+    rows = read_metrics(job.out / "metrics.jsonl")  # a half-written last row is skipped
     p = Progress()
     p.losses = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     p.eval_losses = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.ui.jobs import Job, JobManager, log_tail, progress, read_rows
+from tunesmith.finetune import read_metrics
+from tunesmith.ui.jobs import Job, JobManager, log_tail, progress
 
 ROOT = Path(__file__).parents[2]
 
@@ -127,7 +128,7 @@ def test_metrics_are_read_while_being_written(tmp_path):
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
     (out / "train.log").write_text("loading\ntrain:   3%|3  | 3/100 [00:03<01:37,  1.0it/s]\rtrain:   3%| 3/100 [")
     job = Job(1, "train", "run", [], out, state="running")
-    assert len(read_rows(out / "metrics.jsonl")) == 3
+    assert len(read_metrics(out / "metrics.jsonl")) == 3
     p = progress(job)
     assert (p.step, p.total, p.loss, p.eval_loss, p.tokens_per_s) == (3, 100, 2.0, 2.2, 120.0)
     assert p.eta_s == pytest.approx(97.0)
@@ -154,7 +155,7 @@ def test_real_training_stops_with_a_checkpoint_and_resumes_to_the_end(tiny_model
     manager = JobManager(env={"OMP_NUM_THREADS": "1"})
     try:
         job = manager.submit("train", "tiny", ["train", str(cfg)], out)
-        _until(lambda: len(read_rows(out / "metrics.jsonl")) >= 3 or job.state != "running", timeout=180,
+        _until(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3 or job.state != "running", timeout=180,
                what="the first steps")
         assert job.state == "running", job.error
         manager.stop(job)
