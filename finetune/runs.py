@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, config_to_dict
+from .config import Config, ConfigError, config_to_dict, flatten
 
 
 @contextlib.contextmanager
@@ -225,13 +225,7 @@ def check_same_config(cfg: Config, saved: Path) -> None:
         return
     import yaml
 
-    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
-    old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(config_to_dict(cfg))
+    old, new = flatten(yaml.safe_load(saved.read_text()) or {}), flatten(config_to_dict(cfg))
     changed = sorted(k for k in new if k not in _RESUME_FREE and old.get(k, new[k]) != new[k])
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)

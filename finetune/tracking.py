@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, config_to_dict
+from .config import Config, ConfigError, config_to_dict, flatten
 from .runs import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -221,14 +221,8 @@ def _mlflow_uri(out: Path) -> str:
 def _hparams(cfg: Config) -> dict[str, Any]:
     """The resolved config as flat `section.key` hyperparameters of the types every tracker takes (TensorBoard's
     add_hparams refuses lists and None: they become JSON text)."""
-    def flat(d: dict[str, Any], pre: str = "") -> Iterator[tuple[str, Any]]:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{pre}{k}.")
-            else:
-                yield f"{pre}{k}", v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
-
-    return dict(flat(config_to_dict(cfg)))
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+            for k, v in flatten(config_to_dict(cfg)).items()}
 
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
