@@ -15,16 +15,18 @@ which pairs each step trains on, and TRL is given exactly those pairs in that or
 Measured per trainer, each in its own subprocess:
 - wall s: the optimizer steps, from the start of the loop (tunesmith: `fit`'s clock; TRL: `on_train_begin`) to the
   end of the last step; model load, tokenization, tunesmith's step-0 log-prob check and saving are excluded;
-- tokens: prompt+chosen and prompt+rejected (the two sequences each pair forwards), counted once by tunesmith's
-  tokenization of the pairs trained; the same pairs, so the same count for both; pairs/s and tokens/s from it;
+- tokens: prompt+chosen and prompt+rejected (the two sequences of each pair), counted once by tunesmith's
+  tokenization of the pairs trained; the same pairs, so the same count for every trainer; pairs/s and tokens/s
+  from it. "tokens forwarded" is what each one ran through the model: tunesmith forwards a pair's prompt once by
+  default (`data.share_prompt`), `tunesmith-whole` is the same run with it off, TRL's count includes its padding;
 - peak RSS: VmHWM of the worker at the end of training (model load included); peak GPU MB on CUDA;
 - the loss of every step (each trainer's own number, the mean over the step's pairs).
 
 What differs: TRL marks everything after the prompt as completion, so it also trains the "\\n" after `<|im_end|>`
 (one token per side that both forward and tunesmith does not train; TRL's own token count is in the note); TRL pads
 chosen and rejected to the longest sequence of the batch, tunesmith packs them into rows (`data.packing: true`, its
-default for DPO); TRL computes its extra metrics (entropy, logit means, token accuracy) every step, as a TRL user
-has them.
+default for DPO) and shares their prompt; TRL computes its extra metrics (entropy, logit means, token accuracy)
+every step, as a TRL user has them.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ from train_bench import _peak_rss_mb, run_worker
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-135m_dpo.yaml"
 PAIRS = ROOT / "examples" / "data" / "pairs_train.jsonl"
-TRAINERS = ("tunesmith", "trl")
+TRAINERS = ("tunesmith", "tunesmith-whole", "trl")
 
 
 # -- workers: one training run in this process -------------------------------------------------------------------
-def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
+def _run_tunesmith(a: argparse.Namespace, out: Path, share: bool = True) -> dict:
     from tunesmith.finetune import load_config
+    from tunesmith.finetune.pairs import shared_length
     from tunesmith.finetune.trainer import fit, setup  # `train` is fit(setup(cfg)); the plan in between names the pairs
 
     cfg = load_config(CONFIG, [
@@ -59,16 +62,18 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
         "train.precision=bf16", f"train.lr={a.lr}", "train.scheduler=cosine", f"train.warmup_steps={a.warmup}",
         f"lora.r={a.r}", f"lora.alpha={a.alpha}", "lora.dropout=0", "lora.target_modules=auto", f"dpo.beta={a.beta}",
-        "dpo.loss_type=sigmoid", "dpo.precompute_ref=false"])
+        "dpo.loss_type=sigmoid", "dpo.precompute_ref=false", f"data.share_prompt={share}"])
     s = setup(cfg)
     steps = [[pair for i in plan for pair in s.batches[i]] for plan in s.plan]
     order = [[int(pair.where.rsplit(":", 1)[1]) for pair in step] for step in steps]  # file lines, 1-based
     tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for step in steps for p in step)
+    forwarded = tokens - sum(shared_length([p.chosen, p.rejected]) for step in steps for p in step) * s.method.share
     fit(s)
     rss = _peak_rss_mb()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    return {"order": order, "pairs": sum(map(len, order)), "tokens": tokens, "seconds": rows[-1]["elapsed_s"],
+    return {"order": order, "pairs": sum(map(len, order)), "tokens": tokens, "forwarded": forwarded,
+            "seconds": rows[-1]["elapsed_s"],
             "losses": [r["loss"] for r in rows], "peak_rss_mb": rss}
 
 
@@ -143,7 +148,8 @@ def worker(a: argparse.Namespace) -> None:
     torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = _run_tunesmith(a, Path(a.out)) if a.worker == "tunesmith" else _run_trl(a, Path(a.out))
+    res = (_run_trl(a, Path(a.out)) if a.worker == "trl"
+           else _run_tunesmith(a, Path(a.out), share=a.worker == "tunesmith"))
     if torch.cuda.is_available():
         res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     print("RESULT " + json.dumps(res), flush=True)
@@ -177,12 +183,15 @@ def _summarise(runs: list[dict]) -> dict:
 
 def tables(res: dict[str, dict]) -> str:
     base = res.get("trl")
-    head = ["trainer", "pairs/s", "tokens/s", "vs trl", "wall s (steps)", "peak RSS MB", "vs trl", "final loss"]
+    head = ["trainer", "pairs/s", "tokens/s", "vs trl", "tokens forwarded", "wall s (steps)", "peak RSS MB", "vs trl",
+            "final loss"]
     rows = []
     for name, r in res.items():
         tps = r["tokens"] / r["seconds"]
+        fwd = r.get("forwarded", base and base["padded_tokens"])
         rows.append([name, f"{r['pairs'] / r['seconds']:.2f}", f"{tps:,.1f}",
-                     _ratio(tps, base and base["tokens"] / base["seconds"]), f"{r['seconds']:.2f}",
+                     _ratio(tps, base and base["tokens"] / base["seconds"]), f"{fwd:,}" if fwd else "",
+                     f"{r['seconds']:.2f}",
                      f"{r['peak_rss_mb']:,.0f}", _ratio(r["peak_rss_mb"], base and base["peak_rss_mb"]),
                      f"{r['final']:.4f}" + (f" +- {r['final_sd']:.4f}" if r["final_sd"] else "")])
     names = list(res)
@@ -225,7 +234,7 @@ def main() -> None:
     trainers = list(TRAINERS)
     if importlib.util.find_spec("trl") is None:
         print("TRL is not installed (pip install -e '.[bench]'): running tunesmith only.", flush=True)
-        trainers = ["tunesmith"]
+        trainers = ["tunesmith", "tunesmith-whole"]
     with tempfile.TemporaryDirectory(prefix="dpo_bench-") as d:
         tmp = Path(d)
         if a.tiny:
@@ -246,6 +255,8 @@ def main() -> None:
             ts = _spawn("tunesmith", a, model, tmp, seed, train)
             (tmp / f"order-{seed}.json").write_text(json.dumps(ts.pop("order")))  # TRL trains the same pairs
             runs["tunesmith"].append(ts)
+            if "tunesmith-whole" in runs:  # data.share_prompt=false: what sharing the prompt is worth
+                runs["tunesmith-whole"].append(_spawn("tunesmith-whole", a, model, tmp, seed, train))
             if "trl" in runs:  # the same pairs: the same tokens, counted by tunesmith's tokenization
                 runs["trl"].append({**_spawn("trl", a, model, tmp, seed, train), "tokens": ts["tokens"]})
             for t in trainers:

@@ -49,6 +49,10 @@ class DataConfig:
     """Also train on system/user tokens (default: loss only on assistant tokens, EOS included)."""
     packing: bool = True
     """Pack several examples into one row (attention kept inside each example): no compute wasted on padding."""
+    share_prompt: bool = True
+    """Preference pairs and GRPO's samples: forward the prompt they share once, each answer attending to it and
+    not to the others (a 4D attention mask). The same log-probs with fewer tokens: ~1.7x fewer on the example pairs.
+    Used with the `sdpa` and `eager` attention kernels; others (flash-attention) forward each sequence whole."""
     on_bad_record: Literal["error", "skip"] = "error"
     """`error` stops at the first bad record naming file and line; `skip` drops bad ones and reports how many."""
     labels: str | bool | list[str] = "auto"

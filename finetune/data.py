@@ -9,10 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -414,10 +414,17 @@ def split_validation(records: list[Record], size: float, seed: int) -> tuple[lis
 
 
 # -- batching --------------------------------------------------------------------------------------------------
-def pack(examples: list[Example], capacity: int) -> list[list[Example]]:
+class _Tokens(Protocol):
+    input_ids: list[int]
+
+
+_T = TypeVar("_T", bound=_Tokens)
+
+
+def pack(examples: Sequence[_T], capacity: int) -> list[list[_T]]:
     """First-fit-decreasing bin packing into rows of `capacity` tokens: little padding, deterministic."""
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    bins: list[list[Example]] = []
+    bins: list[list[_T]] = []
     space: list[int] = []
     for i in order:
         n = len(examples[i].input_ids)

@@ -73,7 +73,8 @@ def prepare(s: Any, i: int, step: int, j: int) -> Micro:
         part = comps[k * n: (k + 1) * n]
         examples += tokenize_samples(it.prompt, [c.text for c in part], [c.finish_reason == "stop" for c in part],
                                      s.tokenizer, template, cfg.data.max_length, it.where)
-    batch = collate_sequences(examples, s.tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length)
+    groups = [list(range(k * n, (k + 1) * n)) for k in range(len(items))] if s.method.share else None
+    batch = collate_sequences(examples, s.tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, groups)
     inputs = {k: v.to(acc.device) for k, v in batch.items()}
     inputs["advantages"] = adv.float().to(acc.device)
     metrics = reward_metrics(scores, s.method.rewards)
@@ -82,11 +83,12 @@ def prepare(s: Any, i: int, step: int, j: int) -> Micro:
     return Micro(inputs, metrics, sum(len(e.input_ids) for e in examples))
 
 
-def probe_inputs(s: Any, item: PromptRecord) -> dict[str, Any]:
-    """A prompt with a short fixed answer, for the step-0 check of the fused head (any tokens do)."""
-    ex = tokenize_samples(item.prompt, ["ok"], [True], s.tokenizer, s.tokenizer.chat_template,
+def probe_inputs(s: Any, item: PromptRecord, share: bool = False) -> dict[str, Any]:
+    """A prompt with two short fixed answers, for the step-0 checks of the fused head and of the shared prompt
+    (`share`: forwarded once for both; any tokens do)."""
+    ex = tokenize_samples(item.prompt, ["ok", "no"], [True, True], s.tokenizer, s.tokenizer.chat_template,
                           s.cfg.data.max_length, item.where)
-    batch = collate_sequences(ex, s.tokenizer.pad_token_id, False)
+    batch = collate_sequences(ex, s.tokenizer.pad_token_id, False, groups=[[0, 1]] if share else None)
     return {k: v.to(s.accelerator.device) for k, v in batch.items()}
 
 

@@ -26,6 +26,7 @@ import torch
 
 from .config import Config, ConfigError
 from .data import (
+    IGNORE,
     DataError,
     DataReport,
     Example,
@@ -35,7 +36,7 @@ from .data import (
     make_example,
     resolve_chat_template,
 )
-from .loss import low_precision
+from .loss import _causal, low_precision  # _causal: the one 'causal LM under the PEFT wrapper' helper
 from .pairs import (
     PairExample,
     PromptRecord,
@@ -96,6 +97,8 @@ class MethodState:
     val_ref: list[torch.Tensor] | None = None
     rewards: list[Any] = field(default_factory=list)
     generator: Any = None
+    share: bool = False
+    """Forward each pair's / sample group's prompt once (`can_share`)."""
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -219,15 +222,32 @@ def step_units(cfg: Config, group: list[list[Any]]) -> int:
     return n * cfg.grpo.num_generations if cfg.method == "grpo" else n
 
 
-def collate(cfg: Config, batch: list[Any], pad_id: int, device: torch.device) -> dict[str, Any]:
-    """One micro-batch as the loss module's keyword tensors: chosen then rejected for pairs, the answers and their
-    labels for KTO."""
+def can_share(cfg: Config, model: Any) -> bool:
+    """`data.share_prompt` where the model reads a custom 4D mask as it is: the `sdpa` or `eager` kernel, attention
+    in every layer (a linear-attention or state-space layer would ignore the mask) and no sliding window shorter
+    than a shared row. `check_logps` then compares the shared forward with whole sequences before step 1."""
+    if not cfg.data.share_prompt or cfg.method not in (*PAIR_METHODS, "grpo"):
+        return False
+    causal = _causal(model)
+    tc = causal.config.get_text_config()
+    kinds = set(getattr(tc, "layer_types", None) or [])
+    window = getattr(tc, "sliding_window", None)
+    windowed = "sliding_attention" in kinds or (not kinds and window is not None)
+    return (causal.config._attn_implementation in ("sdpa", "eager")
+            and kinds <= {"full_attention", "sliding_attention"}
+            and not (windowed and window is not None and window < 2 * cfg.data.max_length))
+
+
+def collate(cfg: Config, batch: list[Any], pad_id: int, device: torch.device, share: bool = False
+            ) -> dict[str, Any]:
+    """One micro-batch as the loss module's keyword tensors: chosen then rejected for pairs (`share`: their prompt
+    forwarded once), the answers and their labels for KTO."""
     d = cfg.data
     if cfg.method == "kto":
         t = collate_sequences([x.example for x in batch], pad_id, d.packing, d.max_length)
         t["labels"] = torch.tensor([x.label for x in batch])
     else:
-        t = collate_pairs(batch, pad_id, d.packing, d.max_length)
+        t = collate_pairs(batch, pad_id, d.packing, d.max_length, share)
     return {k: v.to(device) for k, v in t.items()}
 
 
@@ -273,8 +293,6 @@ class PreferenceModel(torch.nn.Module):
             if mode in ("fused", "plain"):
                 return token_logps(m, batch, self.chunk, fused=mode == "fused")
             if c.method == "grpo":
-                from .data import IGNORE
-
                 logp = token_logps(m, batch, self.chunk, self.fused)
                 ref_logp = None
                 if c.grpo.beta:
@@ -323,7 +341,7 @@ def prepare(s: Any, i: int, step: int, j: int, group: list[list[Any]]) -> Micro:
 
         return grpo_prepare(s, i, step, j)
     batch = s.batches[i]
-    inputs = collate(cfg, batch, s.tokenizer.pad_token_id, acc.device)
+    inputs = collate(cfg, batch, s.tokenizer.pad_token_id, acc.device, st.share)
     ref = st.ref[i].to(acc.device) if st.ref is not None else None
     if cfg.method == "orpo":
         inputs["nll_weight"] = _orpo_weight(group)
@@ -380,7 +398,7 @@ def prepare_state(s: Any, resume: bool) -> MethodState:
     base, which training never changes; with full fine-tuning the policy before step 1, saved to
     RUN/reference_logps.pt so a resumed run uses the same one."""
     cfg, acc = s.cfg, s.accelerator
-    st = MethodState()
+    st = MethodState(share=can_share(cfg, s.model))
     if cfg.method == "grpo":
         from .grpo import make_generator
         from .rewards import load_reward
@@ -404,7 +422,7 @@ def prepare_state(s: Any, resume: bool) -> MethodState:
                 yield {k: v.to(acc.device) for k, v in collate_sequences(
                     [x.example for x in b] + [x.kl for x in b], pad, cfg.data.packing, cfg.data.max_length).items()}
             else:
-                yield collate(cfg, b, pad, acc.device)
+                yield collate(cfg, b, pad, acc.device, st.share)
 
     if hasattr(s.loss_model, "unshard"):  # FSDP2: calling the inner model bypasses the root's gather hook
         s.loss_model.unshard()
@@ -424,27 +442,45 @@ def prepare_state(s: Any, resume: bool) -> MethodState:
 def check_logps(s: Any, rtol: float) -> None:
     """The step-0 check of the fused head (`loss.check_loss` for SFT): token log-probs through it against the
     model's whole forward, on one pair / answer / sample of the first micro-batch."""
-    cfg = s.cfg
+    cfg, pad, dev = s.cfg, s.tokenizer.pad_token_id, s.accelerator.device
     first = s.batches[s.plan[0][0]][:1]
+    share = can_share(cfg, s.model)
     if cfg.method == "grpo":
         from .grpo import probe_inputs
 
-        inputs = probe_inputs(s, first[0])
+        inputs, whole = probe_inputs(s, first[0], share), probe_inputs(s, first[0])
     else:
-        inputs = collate(cfg, first, s.tokenizer.pad_token_id, s.accelerator.device)
-    inputs = {k: inputs[k] for k in ("input_ids", "targets", "sequence", "n_seqs", "attention_mask", "position_ids")
-              if k in inputs}
+        inputs, whole = collate(cfg, first, pad, dev, share), collate(cfg, first, pad, dev)
     was = s.loss_model.training
     s.loss_model.eval()
-    ours = float(s.loss_model(**inputs, mode="fused").double().mean())
-    theirs = float(s.loss_model(**inputs, mode="plain").double().mean())
-    s.loss_model.train(was)
+    ours = float(s.loss_model(**_forward_inputs(inputs), mode="fused").double().mean())
+    theirs = float(s.loss_model(**_forward_inputs(inputs), mode="plain").double().mean())
     if math.isfinite(theirs) and not abs(ours - theirs) <= rtol * max(1.0, abs(theirs)):
         raise ConfigError(
             f"{cfg.base_model}: tunesmith's fused log-probs on the first batch average {ours:.5f} per token but the "
             f"model's own forward gives {theirs:.5f}. This architecture changes its logits in a way the fused head "
             "does not reproduce, so training would optimise the wrong loss. Set train.fused_loss=false to train "
             "through the model's own forward (exact, more memory), and please report the model.")
+    if share:  # the shared prompt must give each sequence the log-probs it has forwarded alone
+        got, want = _sums(s, inputs), _sums(s, whole)
+        if not torch.allclose(got, want, rtol=rtol, atol=rtol):
+            raise ConfigError(
+                f"{cfg.base_model}: with the prompt shared (data.share_prompt) the first batch's sequences get "
+                f"log-probs {got.tolist()} but forwarded whole {want.tolist()}: this model does not read the 4D "
+                "attention mask the sharing needs. Set data.share_prompt=false, and please report the model.")
+    s.loss_model.train(was)
+
+
+def _forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in ("input_ids", "targets", "sequence", "n_seqs", "attention_mask", "position_ids")
+            if k in batch}
+
+
+def _sums(s: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed log-prob per sequence through the fused head: comparable across layouts (token order is not)."""
+    lp = s.loss_model(**_forward_inputs(batch), mode="fused").double()
+    seq = batch["sequence"][batch["targets"] != IGNORE]
+    return torch.zeros(int(batch["n_seqs"]), dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
 
 
 # -- eval ----------------------------------------------------------------------------------------------------------
@@ -465,7 +501,7 @@ def evaluate(s: Any) -> dict[str, float]:
     pad = s.tokenizer.pad_token_id
     for k in range(acc.process_index, len(s.val_batches), acc.num_processes):
         batch = s.val_batches[k]
-        inputs = collate(cfg, batch, pad, acc.device)
+        inputs = collate(cfg, batch, pad, acc.device, st.share)
         ref = st.val_ref[k].to(acc.device) if st.val_ref is not None else None
         if cfg.method == "kto":
             ref_main, ref_kl = ref.chunk(2) if ref is not None else (None, None)

@@ -300,12 +300,95 @@ def build_pair_examples(records: list[Record], tokenizer: Any, template: str | N
 
 
 # -- batches -----------------------------------------------------------------------------------------------------
-def collate_sequences(seqs: list[Example], pad_id: int, packed: bool, capacity: int = 0) -> dict[str, Any]:
-    """`data.collate`'s batch (right-padded rows, or packed rows of `capacity` tokens with positions restarting per
-    sequence) plus `sequence`, per target position the index of its sequence in `seqs` (-1 where nothing is
-    trained), and `n_seqs`: what `preference.sequence_logps` sums by."""
+@dataclass
+class _Unit:
+    """What packing places: a sequence alone, or a group's shared prompt followed by the rest of each member."""
+
+    input_ids: list[int]
+    targets: list[int]
+    positions: list[int]
+    branch: list[int]
+    """0: the shared prompt, which every member attends to; b: the rest of the group's b-th member (1-based)."""
+    owner: list[int]
+    """The sequence index (in `seqs`) of each token; -1 on the shared prompt."""
+
+
+def shared_length(seqs: list[Example]) -> int:
+    """How many leading tokens every sequence of the group has in common and none trains on: forwarded once.
+    Each member keeps at least the last untrained token, whose target is its own first answer token."""
+    k = min(min(len(s.input_ids) - 1, next((j for j, t in enumerate(s.targets) if t != IGNORE), len(s.targets)))
+            for s in seqs)
+    n = 0
+    while n < k and all(s.input_ids[n] == seqs[0].input_ids[n] for s in seqs):
+        n += 1
+    return n
+
+
+def _units(seqs: list[Example], groups: list[list[int]], capacity: int) -> list[_Unit]:
+    """One unit per group whose members share a prompt (and fit in `capacity` together, when packing), else one
+    per sequence."""
+    units = []
+    for g in groups:
+        members = [seqs[i] for i in g]
+        k = shared_length(members) if len(g) > 1 else 0
+        size = k + sum(len(m.input_ids) - k for m in members)
+        if k == 0 or (capacity and size > capacity):
+            units += [_Unit(m.input_ids, m.targets, list(range(len(m.input_ids))), [1] * len(m.input_ids),
+                            [i] * len(m.input_ids)) for i, m in zip(g, members)]
+            continue
+        u = _Unit(members[0].input_ids[:k], [IGNORE] * k, list(range(k)), [0] * k, [-1] * k)
+        for b, (i, m) in enumerate(zip(g, members), 1):
+            rest = len(m.input_ids) - k
+            u.input_ids += m.input_ids[k:]
+            u.targets += m.targets[k:]
+            u.positions += range(k, len(m.input_ids))
+            u.branch += [b] * rest
+            u.owner += [i] * rest
+        units.append(u)
+    return units
+
+
+def _collate_shared(seqs: list[Example], groups: list[list[int]], pad_id: int, packed: bool,
+                    capacity: int) -> dict[str, Any]:
+    """Rows of units with explicit positions and a boolean (rows, 1, width, width) attention mask: a token attends
+    to earlier tokens of its own unit that are either the shared prompt or its own sequence."""
     import torch
 
+    units = _units(seqs, groups, capacity if packed else 0)
+    rows = pack(units, capacity or max(len(u.input_ids) for u in units)) if packed else [[u] for u in units]
+    width = max(sum(len(u.input_ids) for u in row) for row in rows)
+    ids, tgt, pos, seg, br, own = [], [], [], [], [], []
+    for row in rows:
+        pad = width - sum(len(u.input_ids) for u in row)
+        ids.append([t for u in row for t in u.input_ids] + [pad_id] * pad)
+        tgt.append([t for u in row for t in u.targets] + [IGNORE] * pad)
+        pos.append([p for u in row for p in u.positions] + list(range(pad)))
+        seg.append([j for j, u in enumerate(row) for _ in u.input_ids] + [-1] * pad)
+        br.append([b for u in row for b in u.branch] + [0] * pad)
+        own.append([o for u in row for o in u.owner] + [-1] * pad)
+    seg_t, br_t = torch.tensor(seg), torch.tensor(br)
+    mask = ((seg_t[:, :, None] == seg_t[:, None, :])
+            & ((br_t[:, None, :] == 0) | (br_t[:, :, None] == br_t[:, None, :]))
+            & torch.ones(width, width, dtype=torch.bool).tril())
+    targets = torch.tensor(tgt)
+    return {"input_ids": torch.tensor(ids), "targets": targets, "position_ids": torch.tensor(pos),
+            "attention_mask": mask[:, None], "sequence": torch.where(targets != IGNORE, torch.tensor(own), -1),
+            "n_seqs": torch.tensor(len(seqs))}
+
+
+def collate_sequences(seqs: list[Example], pad_id: int, packed: bool, capacity: int = 0,
+                      groups: list[list[int]] | None = None) -> dict[str, Any]:
+    """`data.collate`'s batch (right-padded rows, or packed rows of `capacity` tokens with positions restarting per
+    sequence) plus `sequence`, per target position the index of its sequence in `seqs` (-1 where nothing is
+    trained), and `n_seqs`: what `preference.sequence_logps` sums by.
+
+    `groups` (lists of indices into `seqs`: a pair's two answers, GRPO's samples of one prompt) forwards the
+    prompt each group shares once, with a 4D boolean attention mask that keeps every answer from seeing the
+    others (`data.share_prompt`); the log-probs are those of each sequence forwarded alone."""
+    import torch
+
+    if groups is not None:
+        return _collate_shared(seqs, groups, pad_id, packed, capacity)
     if packed:
         rows = pack(seqs, capacity or max(len(s.input_ids) for s in seqs))
         index = {id(s): i for i, s in enumerate(seqs)}
@@ -321,7 +404,10 @@ def collate_sequences(seqs: list[Example], pad_id: int, packed: bool, capacity: 
     return batch
 
 
-def collate_pairs(pairs: list[PairExample], pad_id: int, packed: bool, capacity: int = 0) -> dict[str, Any]:
+def collate_pairs(pairs: list[PairExample], pad_id: int, packed: bool, capacity: int = 0,
+                  share: bool = False) -> dict[str, Any]:
     """Chosen and rejected of every pair in one batch for one forward: sequences 0..n-1 are the chosen answers,
-    n..2n-1 the rejected ones, so `sums.chunk(2)` gives (chosen, rejected)."""
-    return collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, packed, capacity)
+    n..2n-1 the rejected ones, so `sums.chunk(2)` gives (chosen, rejected). `share`: their prompt once."""
+    n = len(pairs)
+    return collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, packed, capacity,
+                             [[i, n + i] for i in range(n)] if share else None)

@@ -36,6 +36,18 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return logits.gather(-1, index[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
+def forward_kwargs(causal: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's model inputs. A boolean 4D mask (`pairs.collate_sequences` with groups) goes to SDPA as it is;
+    the eager kernel adds its mask to the scores, so it gets 0 / the dtype's minimum instead."""
+    kw = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
+    m = kw.get("attention_mask")
+    if m is not None and m.dim() == 4 and m.dtype == torch.bool and causal.config._attn_implementation != "sdpa":
+        dtype = next(causal.parameters()).dtype
+        kw["attention_mask"] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(
+            ~m, torch.finfo(dtype).min)
+    return kw
+
+
 def _head_logps(causal: Any, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return selective_log_softmax(head_logits(causal, h), t)
 
@@ -49,7 +61,7 @@ def token_logps(model: Any, batch: dict[str, torch.Tensor], chunk: int = 1024, f
     whole forward and gathers from its logits: exact for any architecture, more memory (the check the trainer
     runs before step 1 compares the two, as `loss.check_loss` does for SFT)."""
     causal = _causal(model)
-    kw = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
+    kw = forward_kwargs(causal, batch)
     keep = batch["targets"] != IGNORE
     t = batch["targets"][keep]
     if not fused:

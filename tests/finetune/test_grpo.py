@@ -125,3 +125,21 @@ def test_grpo_prompt_too_long_names_the_record(tiny_model_dir: Path, tmp_path: P
     data.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "word " * 60}) + "\n")
     with pytest.raises(DataError, match=r"p.jsonl:2: the prompt is \d+ tokens and answers may take 4"):
         setup(_cfg(tiny_model_dir, tmp_path / "r", data))
+
+
+def test_grpo_shared_prompt_trains_like_whole_samples(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A prompt's samples share one forward of the prompt (data.share_prompt): the same losses, KL and rewards,
+    step for step, as each sample forwarded whole (sampling is seeded, so both runs train on the same answers)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
+                            for p, a in (("What is two plus two?", "four"), ("Capital of France?", "Paris"))))
+    rows = {}
+    for share in (True, False):
+        s = setup(_cfg(tiny_model_dir, tmp_path / str(share), data, "train.max_steps=3", "grpo.beta=0.1",
+                       "train.micro_batch_size=2", f"data.share_prompt={share}"))
+        assert s.method.share is share
+        fit(s)
+        rows[share] = [r for r in _rows(tmp_path / str(share)) if "loss" in r]
+    for a, b in zip(rows[True], rows[False], strict=True):
+        for key in ("loss", "kl", "reward_mean", "completion_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

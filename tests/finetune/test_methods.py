@@ -136,6 +136,64 @@ def test_orpo_and_simpo_train_without_a_reference(tiny_model_dir: Path, tmp_path
         assert {"nll", "log_odds_ratio", "log_odds_chosen"} <= set(rows[-1])
 
 
+@pytest.mark.parametrize("method", ["dpo", "simpo"])
+def test_shared_prompt_trains_like_whole_sequences(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
+    """data.share_prompt (the default) forwards each pair's prompt once: the same losses and margins, step for
+    step, as forwarding chosen and rejected whole."""
+    from tunesmith.finetune.methods import can_share
+
+    runs = {}
+    for share in (True, False):
+        cfg = _cfg(tiny_model_dir, tmp_path / str(share), method, f"data.share_prompt={share}",
+                   "train.micro_batch_size=4", "train.eval_every=2", "data.val_set_size=4")
+        s = setup(cfg)
+        assert s.method.share is share and can_share(cfg, s.model) is share
+        fit(s)
+        runs[share] = _rows(tmp_path / str(share))
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "reward_margin", "logp_chosen", "eval_loss", "eval_preference_accuracy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"_attn_implementation": "flash_attention_2"}, "a kernel that takes no 4D mask"),
+    ({"layer_types": ["full_attention", "linear_attention"]}, "a layer the mask does not reach"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}, "a window under 2 rows"),
+])
+def test_shared_prompt_is_declined_where_the_mask_would_not_hold(tiny_model_dir: Path, tmp_path: Path,
+                                                                 change: dict, why: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.finetune.methods import can_share
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "dpo")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert can_share(cfg, model)
+    for k, v in change.items():
+        setattr(model.config, k, v)
+    assert not can_share(cfg, model), why
+
+
+def test_a_model_that_ignores_the_shared_mask_is_caught_before_step_1(tiny_model_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an architecture whose layers ignore the 4D mask would: every answer sees the other. The step-0 check
+    compares the shared forward with whole sequences and names the key that turns sharing off."""
+    import tunesmith.finetune.pairs as pairs
+
+    real = pairs._collate_shared
+
+    def leaky(*a: object, **k: object) -> dict:
+        batch = real(*a, **k)  # type: ignore[arg-type]
+        w = batch["attention_mask"].shape[-1]
+        batch["attention_mask"] = torch.ones(w, w, dtype=torch.bool).tril().expand_as(batch["attention_mask"])
+        return batch
+
+    monkeypatch.setattr(pairs, "_collate_shared", leaky)
+    with pytest.raises(ConfigError, match="data.share_prompt=false"):
+        setup(_cfg(tiny_model_dir, tmp_path, "dpo"))
+
+
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_grad_accumulation_equals_big_batch(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
     """2 accumulated micro-batches of 1 pair == 1 micro-batch of 2 pairs, gradient for gradient: losses are means

@@ -152,18 +152,69 @@ def tok(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def _lora(tiny_model_dir, seed: int = 0):
+def _lora(tiny_model_dir, seed: int = 0, attn: str = "sdpa"):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def _batch(tok, packed: bool = False, records=TOY):
+def _batch(tok, packed: bool = False, records=TOY, share: bool = False, capacity: int = 128):
     pairs = [tokenize_pair(parse_record(Record(f"toy.jsonl:{i + 1}", r), "dpo"), tok, tok.chat_template, 128)[0]
              for i, r in enumerate(records)]
-    return collate_pairs(pairs, tok.pad_token_id, packed, capacity=128)
+    return collate_pairs(pairs, tok.pad_token_id, packed, capacity=capacity, share=share)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_prompt_gives_each_sequence_its_whole_forward_logps_and_grads(tiny_model_dir, tok, attn: str,
+                                                                             packed: bool) -> None:
+    """data.share_prompt: one forward of each pair's prompt, each answer attending to it and never to the other
+    answer, must be the two sequences forwarded alone: same sums and counts, same gradients, fewer tokens."""
+    model = _lora(tiny_model_dir, attn=attn)
+    with torch.no_grad():  # a trained-looking adapter, so every LoRA weight gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    whole, shared = _batch(tok, packed), _batch(tok, packed, share=True)
+    assert shared["attention_mask"].dtype == torch.bool and shared["attention_mask"].dim() == 4
+    assert (shared["input_ids"] != tok.pad_token_id).sum() < (whole["input_ids"] != tok.pad_token_id).sum()
+    grads = []
+    for batch in (whole, shared):
+        model.zero_grad()
+        sums, counts = sequence_logps(model, batch)
+        (sums * torch.linspace(0.5, 1.5, len(sums))).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        if batch is whole:
+            want = (sums.detach(), counts)
+    torch.testing.assert_close(sums.detach(), want[0], rtol=1e-5, atol=1e-4)
+    assert torch.equal(counts, want[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompt_keeps_sequences_whole_when_the_group_outgrows_a_row(tok) -> None:
+    """A pair whose prompt + both answers exceed the packing capacity is forwarded as two sequences; the rest share."""
+    from tunesmith.finetune.pairs import shared_length
+
+    pairs = [tokenize_pair(parse_record(Record(f"toy.jsonl:{i + 1}", r), "dpo"), tok, tok.chat_template, 128)[0]
+             for i, r in enumerate(TOY)]
+    k = shared_length([pairs[0].chosen, pairs[0].rejected])
+    first = next(j for j, t in enumerate(pairs[0].chosen.targets) if t != IGNORE)
+    assert 0 < k <= first and pairs[0].chosen.input_ids[:k] == pairs[0].rejected.input_ids[:k]
+    longest = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) - shared_length([p.chosen, p.rejected])
+                  for p in pairs)
+    capacity = longest - 1  # the longest group no longer fits one row
+    batch = collate_pairs(pairs, tok.pad_token_id, True, capacity=capacity, share=True)
+    assert batch["input_ids"].shape[1] <= capacity
+    mask = batch["attention_mask"][:, 0]
+    # a shared prompt is attended to by tokens of two different sequences; count the groups that still share
+    seq_of = [[int(x) for x in row] for row in batch["sequence"]]
+    shared_groups = sum(1 for r, row in enumerate(mask) for q in range(row.shape[0])
+                        if batch["targets"][r, q] == IGNORE and batch["position_ids"][r, q] == 0
+                        and len({seq_of[r][i] for i in range(row.shape[0]) if row[i, q] and seq_of[r][i] >= 0}) == 2)
+    assert shared_groups == len(pairs) - 1
 
 
 def test_sequence_logps_fused_packed_and_plain_forward_agree(tiny_model_dir, tok) -> None:
