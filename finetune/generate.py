@@ -94,6 +94,11 @@ class Completion:
     """"stop" (EOS or a stop string), "length" (max_new_tokens reached) or "cancelled"."""
     logprobs: list[GeneratedLogprob] | None = None
     """One entry per token of `text` when `GenerationParams.logprobs` asked for them, else None."""
+    prompt_ids: list[int] = field(default_factory=list)
+    """The prompt's token ids as the model read them (chat template applied, no padding)."""
+    token_ids: list[int] = field(default_factory=list)
+    """The answer's token ids as generated, through the end-of-turn token when it ended there (past a stop string,
+    which cuts `text` only): what GRPO trains on. Both lists are empty from the llama.cpp engine."""
 
 
 @dataclass
@@ -344,7 +349,8 @@ class Generator:
                 reason = "length"
             lps = None if raw_logits is None else completion_logprobs(self.tokenizer, raw_logits, i, new, text,
                                                                       p.top_logprobs)
-            results.append(Completion(text, n_prompt, len(new), reason, lps))
+            prompt_ids = enc["input_ids"][i, plen - n_prompt:].tolist()  # left-padded: the last n_prompt ids
+            results.append(Completion(text, n_prompt, len(new), reason, lps, prompt_ids, new))
         return results
 
     def generate(self, prompt: Prompt, params: GenerationParams | None = None,

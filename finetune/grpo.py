@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .methods import Micro
-from .pairs import PromptRecord, collate_sequences, tokenize_samples
+from .pairs import PromptRecord, Unpaired, collate_sequences, sampled_examples, tokenize_unpaired
 from .rewards import group_advantages, reward_metrics, score_rewards, total_reward
 
 
@@ -67,12 +67,8 @@ def prepare(s: Any, i: int, step: int, j: int) -> Micro:
     scores = score_rewards(s.method.rewards, prompts, texts, fields, [it.where for it in items for _ in range(n)])
     total = total_reward(scores, s.method.rewards)
     adv = group_advantages(total, n, scale=g.scale_rewards)
-    template = s.tokenizer.chat_template
-    examples = []
-    for k, it in enumerate(items):
-        part = comps[k * n: (k + 1) * n]
-        examples += tokenize_samples(it.prompt, [c.text for c in part], [c.finish_reason == "stop" for c in part],
-                                     s.tokenizer, template, cfg.data.max_length, it.where)
+    examples = [ex for k, it in enumerate(items)
+                for ex in sampled_examples(comps[k * n: (k + 1) * n], cfg.data.max_length, it.where)]
     groups = [list(range(k * n, (k + 1) * n)) for k in range(len(items))] if s.method.share else None
     batch = collate_sequences(examples, s.tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, groups)
     inputs = {k: v.to(acc.device) for k, v in batch.items()}
@@ -86,8 +82,8 @@ def prepare(s: Any, i: int, step: int, j: int) -> Micro:
 def probe_inputs(s: Any, item: PromptRecord, share: bool = False) -> dict[str, Any]:
     """A prompt with two short fixed answers, for the step-0 checks of the fused head and of the shared prompt
     (`share`: forwarded once for both; any tokens do)."""
-    ex = tokenize_samples(item.prompt, ["ok", "no"], [True, True], s.tokenizer, s.tokenizer.chat_template,
-                          s.cfg.data.max_length, item.where)
+    ex = [tokenize_unpaired(Unpaired(item.prompt, [{"role": "assistant", "content": t}], True, item.where),
+                            s.tokenizer, s.tokenizer.chat_template, s.cfg.data.max_length)[0] for t in ("ok", "no")]
     batch = collate_sequences(ex, s.tokenizer.pad_token_id, False, groups=[[0, 1]] if share else None)
     return {k: v.to(s.accelerator.device) for k, v in batch.items()}
 

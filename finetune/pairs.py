@@ -242,19 +242,13 @@ def tokenize_unpaired(item: Unpaired, tokenizer: Any, template: str, max_length:
     return _example(*completion_ids(item.prompt, item.completion, tokenizer, template), max_length, item.where)
 
 
-def tokenize_samples(prompt: Messages, completions: list[str], ended: list[bool], tokenizer: Any, template: str,
-                     max_length: int, where: str = "") -> list[Example]:
-    """GRPO's sampled answers as Examples. The text is tokenized again through the chat template (the ids
-    training sees everywhere else); an answer cut by the length limit (`ended` false) is not trained on the
-    end-of-turn token the template adds, which the model never wrote."""
-    out = []
-    for text, done in zip(completions, ended):
-        ids, train = completion_ids(prompt, [{"role": "assistant", "content": text}], tokenizer, template)
-        last = max((j for j, t in enumerate(train) if t), default=-1)
-        if not done and last >= 0 and ids[last] == tokenizer.eos_token_id:
-            train[last] = False
-        out.append(_example(ids, train, max_length, where)[0])
-    return out
+def sampled_examples(completions: list[Any], max_length: int, where: str = "") -> list[Example]:
+    """GRPO's sampled answers (`generate.Completion`s) as Examples: the prompt as the Generator read it, then the
+    answer's tokens exactly as sampled, through the end-of-turn token when the answer ended there (a cut answer
+    has none). Training scores the tokens the policy chose, as TRL does: re-tokenizing the decoded text could
+    split it differently and train tokens nobody sampled."""
+    return [_example(c.prompt_ids + c.token_ids, [False] * len(c.prompt_ids) + [True] * len(c.token_ids),
+                     max_length, where)[0] for c in completions]
 
 
 def check_prompt_length(item: PromptRecord, tokenizer: Any, template: str, max_length: int, max_new_tokens: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ from tunesmith.finetune.pairs import (
     detect_kind,
     mismatched,
     parse_record,
+    sampled_examples,
     tokenize_pair,
-    tokenize_samples,
     tokenize_unpaired,
 )
 
@@ -179,11 +180,20 @@ def test_prompt_over_max_length_names_the_record_and_truncation_is_counted(tok, 
         build_pair_examples(recs, tok, None, 32)
 
 
-def test_samples_cut_by_the_length_limit_do_not_learn_end_of_turn(tok) -> None:
-    prompt = [{"role": "user", "content": "Count."}]
-    done, cut = tokenize_samples(prompt, ["1 2 3", "1 2"], [True, False], tok, tok.chat_template, 64)
-    assert _trained(tok, done) == "1 2 3<|im_end|>"
-    assert _trained(tok, cut) == "1 2"
+def test_sampled_answers_train_exactly_the_sampled_tokens(tok) -> None:
+    """GRPO trains the ids the policy sampled, even a split re-tokenizing the text would not give (here "hello"
+    letter by letter); an answer that ended trains its end-of-turn token, one cut by the length limit has none."""
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "Greet."}], tokenize=False,
+                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    letters = [tok.convert_tokens_to_ids(ch) for ch in "hello"]
+    assert tok(tok.decode(letters), add_special_tokens=False)["input_ids"] != letters  # not the canonical split
+    done = SimpleNamespace(prompt_ids=prompt, token_ids=[*letters, tok.eos_token_id])
+    cut = SimpleNamespace(prompt_ids=prompt, token_ids=letters[:3])
+    a, b = sampled_examples([done, cut], 64, "p.jsonl:1")
+    assert a.input_ids == prompt + done.token_ids and [t for t in a.targets if t != IGNORE] == done.token_ids
+    assert _trained(tok, a) == "hello<|im_end|>" and _trained(tok, b) == "hel"
+    with pytest.raises(DataError, match="p.jsonl:1"):
+        sampled_examples([done], len(prompt), "p.jsonl:1")
 
 
 # -- batches -----------------------------------------------------------------------------------------------------

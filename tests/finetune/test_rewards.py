@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,7 +187,7 @@ def test_grpo_toy_learns_to_emit_the_rewarded_token(tiny_model_dir) -> None:
     from tunesmith.finetune.data import IGNORE
     from tunesmith.finetune.generate import GenerationParams, Generator
     from tunesmith.finetune.model import LoadedRun
-    from tunesmith.finetune.pairs import collate_sequences, completion_ids, tokenize_samples
+    from tunesmith.finetune.pairs import collate_sequences, completion_ids, sampled_examples
     from tunesmith.finetune.preference import token_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -213,8 +214,8 @@ def test_grpo_toy_learns_to_emit_the_rewarded_token(tiny_model_dir) -> None:
     for _ in range(6):
         samples = gen.batch([prompt] * n, GenerationParams(max_new_tokens=1, temperature=1.0, top_k=5))
         texts = [s.text for s in samples]
-        batch = collate_sequences(tokenize_samples(prompt, texts, [s.finish_reason == "stop" for s in samples], tok,
-                                                   tok.chat_template, 64), tok.pad_token_id, packed=False)
+        assert all(s.prompt_ids == prompt_ids and len(s.token_ids) == s.completion_tokens == 1 for s in samples)
+        batch = collate_sequences(sampled_examples(samples, 64), tok.pad_token_id, packed=False)
         adv = group_advantages(total_reward(score_rewards([reward], [prompt] * n, texts, {}, ["toy:1"] * n),
                                             [reward]).float(), n)
         logp = token_logps(model, batch)
@@ -232,15 +233,16 @@ def test_grpo_batch_with_nothing_trained_gives_zero_loss_not_a_crash(tiny_model_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.finetune.data import IGNORE
-    from tunesmith.finetune.pairs import collate_sequences, tokenize_samples
+    from tunesmith.finetune.pairs import collate_sequences, sampled_examples
     from tunesmith.finetune.preference import token_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     prompt = [{"role": "user", "content": "hi"}]
-    batch = collate_sequences(tokenize_samples(prompt, ["", ""], [False, False], tok, tok.chat_template, 32),
-                              tok.pad_token_id, packed=False)
+    ids = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    empty = SimpleNamespace(prompt_ids=ids["input_ids"], token_ids=[])  # answers cut at max_new_tokens=0
+    batch = collate_sequences(sampled_examples([empty, empty], 32), tok.pad_token_id, packed=False)
     logp = token_logps(model, batch)
     assert logp.shape == (0,)
     loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), batch["sequence"][batch["targets"] != IGNORE])
