@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,24 @@ def int8_reads() -> Iterator[None]:
         _local.on = before
 
 
+def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 weight and per-output-channel scale, as `_weight_int8pack_mm` reads them. The scale is rounded to the
+    compute dtype first (bf16 keeps 8 bits), so every weight lands within half a step of its int8 value."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)
+    return torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _reads_int8(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (x.numel() // x.shape[-1] <= INT8_MAX_ROWS and getattr(_local, "on", False) and not torch.is_grad_enabled()
+            and x.dtype == scale.dtype)
+
+
+def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale).reshape(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias
+
+
 class Int8DecodeLinear(torch.nn.Module):
     """A `nn.Linear` that reads int8 weights for calls of a few rows and its own exact weight otherwise.
 
@@ -54,44 +73,71 @@ class Int8DecodeLinear(torch.nn.Module):
         self.bias = linear.bias
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        w = linear.weight.detach().float()
-        # the scale as the kernel will read it (bf16 keeps 8 bits): rounding against it keeps every weight within
-        # half a step of its int8 value
-        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(linear.weight.dtype)
-        self.register_buffer("qweight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8),
-                             persistent=False)
+        q, scale = quantize_rows(linear.weight, linear.weight.dtype)
+        self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("qscale", scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (rows > INT8_MAX_ROWS or not getattr(_local, "on", False) or torch.is_grad_enabled()
-                or x.dtype != self.qscale.dtype):
+        if not _reads_int8(x, self.qscale):
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.qweight, self.qscale)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return _int8_linear(x, self.qweight, self.qscale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 up to {INT8_MAX_ROWS} rows"
 
 
+def _merge_lora_int8(layer: torch.nn.Module) -> bool:
+    """Give a LoRA layer one int8 copy of its base weight with the active adapters merged in (peft's own
+    `get_delta_weight`), read by its decode calls instead of the base matmul + LoRA's five small ops: with 7
+    adapted linears a layer, those ops cost more per token than the int8 matmuls. Any other call (more rows, grad,
+    the adapter switched off or changed, peft's per-row `adapter_names`) runs peft's forward on the exact weights.
+    Plain LoRA on a `nn.Linear` only (no DoRA or other variants, no LoRA bias); returns whether it applied."""
+    lora: Any = layer
+    base = lora.get_base_layer()
+    active = tuple(lora.active_adapters)
+    adapters = [a for a in active if a in lora.lora_A]
+    if (type(base) is not torch.nn.Linear or base.weight.device.type != "cpu" or lora.merged or not adapters
+            or any(a in getattr(lora, "lora_variant", {}) or lora.lora_B[a].bias is not None for a in adapters)):
+        return False
+    w = base.weight.detach().float() + sum(lora.get_delta_weight(a).float() for a in adapters)
+    q, scale = quantize_rows(w, base.weight.dtype)
+    lora.register_buffer("int8_merged_qweight", q, persistent=False)  # not saved: the adapter files stay as they are
+    lora.register_buffer("int8_merged_qscale", scale, persistent=False)
+    peft_forward = lora.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if (args or kwargs or lora.disable_adapters or lora.merged or tuple(lora.active_adapters) != active
+                or not _reads_int8(x, lora.int8_merged_qscale)):
+            return peft_forward(x, *args, **kwargs)
+        return _int8_linear(x, lora.int8_merged_qweight, lora.int8_merged_qscale, base.bias)
+
+    lora.forward = forward
+    return True
+
+
 def use_int8_decode(model: torch.nn.Module) -> int:
-    """Swap every plain `nn.Linear` of `model` (LoRA's base layers included, LoRA's own A/B kept exact) for an
-    `Int8DecodeLinear`; returns how many were swapped. Only on a CPU: the kernel is torch's CPU one."""
+    """Int8 decode weights for every linear layer of `model` (CPU only: the kernel is torch's CPU one): a LoRA
+    layer reads one int8 copy of its base weight with the adapter merged in (`_merge_lora_int8`; with the adapter
+    switched off it decodes from its exact weights), every other `nn.Linear` becomes an `Int8DecodeLinear`.
+    Returns how many layers read int8. The weights must not change afterwards (a Generator over a trained run)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    lora_parts: set[int] = set()
+    merged: set[int] = set()
+    skip: set[int] = set()
     for m in model.modules():
-        if isinstance(m, BaseTunerLayer):  # the adapter's own small matrices stay exact
+        if isinstance(m, BaseTunerLayer):  # the adapter's own small matrices are never swapped
             for name, child in m.named_children():
                 if name != "base_layer":
-                    lora_parts.update(id(x) for x in child.modules())
+                    skip.update(id(x) for x in child.modules())
+            if _merge_lora_int8(m):
+                merged.add(id(m))
+                skip.add(id(m.get_base_layer()))
     swaps = [(name, m) for name, m in model.named_modules()
-             if type(m) is torch.nn.Linear and id(m) not in lora_parts and m.weight.device.type == "cpu"]
+             if type(m) is torch.nn.Linear and id(m) not in skip and m.weight.device.type == "cpu"]
     for name, m in swaps:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, Int8DecodeLinear(m))
-    return len(swaps)
+    return len(swaps) + len(merged)
 
 
 def resolve_decode_weights(choice: str, device: torch.device) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .config import Config, ConfigError, config_to_dict, load_config, read_yaml, save_config
+from .config import Config, ConfigError, config_to_dict, flatten, load_config, read_yaml, save_config
 from .errors import TrainingError
 
 if TYPE_CHECKING:
@@ -290,15 +290,9 @@ def _save_base(cfg: Config, path: Path) -> Path:
     return path
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], pre: str = "") -> list[str]:
-    out: list[str] = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{pre}{k}.")
-        elif a != b:
-            out.append(f"{pre}{k}: {a!r} -> {b!r}")
-    return out
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _check_same_sweep(study: optuna.Study, metric: str, spec: dict[str, dict[str, Any]], out: Path) -> None:

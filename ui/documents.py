@@ -43,27 +43,32 @@ def remove_session_folder(folder: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def store_uploads(paths: list[str], folder: str | Path, max_bytes: int = MAX_FILE_BYTES) -> list[str]:
-    """Copy acceptable uploads into `folder`; return one message per file saying stored or why refused."""
+def store_uploads(paths: list[str], folder: str | Path, max_bytes: int = MAX_FILE_BYTES,
+                  suffixes: tuple[str, ...] = ALLOWED_SUFFIXES, max_files: int = MAX_FILES,
+                  what: str = "only text files ({}) are indexed", done: str = "indexed",
+                  binary: tuple[str, ...] = ()) -> list[str]:
+    """Copy acceptable uploads into `folder`; return one message per file saying stored or why refused. The
+    chat's documents and the Train tab's data files both come through here (`what` / `done` word the messages;
+    `binary` suffixes, e.g. Parquet, skip the UTF-8 check). A file of a name already stored replaces it."""
     folder = Path(folder)
     report = []
-    existing = len(list_documents(folder))
+    stored = set(list_documents(folder))
     for p in paths:
         src = Path(p)
         name = _clean_name(src.name)
         size = src.stat().st_size if src.is_file() else -1
-        if not name.lower().endswith(ALLOWED_SUFFIXES):
-            report.append(f"{src.name}: refused, only text files ({', '.join(ALLOWED_SUFFIXES)}) are indexed")
+        if not name.lower().endswith(suffixes):
+            report.append(f"{src.name}: refused, {what.format(', '.join(suffixes))}")
         elif size < 0 or size > max_bytes:
             report.append(f"{src.name}: refused, {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.1f} MB limit")
-        elif existing >= MAX_FILES:
-            report.append(f"{src.name}: refused, at most {MAX_FILES} files per session (start a new session)")
-        elif not _is_utf8_text(src):
+        elif len(stored) >= max_files and name not in stored:
+            report.append(f"{src.name}: refused, at most {max_files} files per session (start a new session)")
+        elif not name.lower().endswith(binary) and not _is_utf8_text(src):
             report.append(f"{src.name}: refused, not UTF-8 text")
         else:
             shutil.copyfile(src, folder / name)  # a copy: never a link to wherever the upload landed
-            existing += 1
-            report.append(f"{name}: indexed ({size / 1e3:.1f} kB)")
+            stored.add(name)
+            report.append(f"{name}: {done} ({size / 1e3:.1f} kB)")
     return report
 
 

@@ -40,7 +40,7 @@ from tunesmith.finetune import (
 )
 from tunesmith.resources import config_names, find_config, shipped_root
 
-from .documents import _clean_name, _is_utf8_text
+from .documents import store_uploads
 from .pool import ModelPool
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -332,24 +332,8 @@ def remove_session_folder(folder: str | None) -> None:
 def store_data(paths: list[str], folder: str | Path, max_bytes: int = MAX_DATA_BYTES) -> list[str]:
     """Copy acceptable data files into the session folder; one line per file: stored, or why not. Files are only
     ever read as records (JSON lines, CSV rows, Parquet tables), never run."""
-    folder = Path(folder)
-    report = []
-    for p in paths:
-        src = Path(p)
-        name = _clean_name(src.name)
-        size = src.stat().st_size if src.is_file() else -1
-        if not name.lower().endswith(DATA_SUFFIXES):
-            report.append(f"{src.name}: refused, training data is {', '.join(DATA_SUFFIXES)}")
-        elif size < 0 or size > max_bytes:
-            report.append(f"{src.name}: refused, {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.0f} MB limit")
-        elif len(uploads(folder)) >= MAX_DATA_FILES and name not in uploads(folder):
-            report.append(f"{src.name}: refused, at most {MAX_DATA_FILES} files per session")
-        elif not name.lower().endswith(".parquet") and not _is_utf8_text(src):
-            report.append(f"{src.name}: refused, not UTF-8 text")
-        else:
-            shutil.copyfile(src, folder / name)
-            report.append(f"{name}: uploaded ({size / 1e3:.1f} kB)")
-    return report
+    return store_uploads(paths, folder, max_bytes, DATA_SUFFIXES, MAX_DATA_FILES, "training data is {}", "uploaded",
+                         binary=(".parquet",))
 
 
 def copy_uploads(raw: dict[str, Any], folder: str | Path | None, out: Path) -> dict[str, Any]:

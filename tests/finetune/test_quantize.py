@@ -40,8 +40,28 @@ def test_int8_run_decodes_close_to_exact_and_keeps_base_and_scoring_exact(tiny_r
     exact = load_generator(tiny_run_dir, dtype=torch.float32)
     fast = load_generator(tiny_run_dir, dtype=torch.float32, decode_weights="int8")
     swapped = [n for n, m in fast.model.named_modules() if isinstance(m, Int8DecodeLinear)]
-    assert any(n.endswith("base_layer") for n in swapped) and any(n.endswith("lm_head") for n in swapped)
-    assert not any("lora_" in n for n in swapped)  # the adapter's own matrices stay exact
+    merged = [m for m in fast.model.modules() if hasattr(m, "int8_merged_qweight")]
+    assert merged and any(n.endswith("lm_head") for n in swapped)  # LoRA layers: one int8 copy, adapter merged in
+    assert not any("lora_" in n or n.endswith("base_layer") for n in swapped)  # adapter and base weights stay exact
+    from peft import get_peft_model_state_dict
+
+    want = get_peft_model_state_dict(exact.model)  # the adapter's weights and names are untouched
+    got = get_peft_model_state_dict(fast.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    # a LoRA layer's decode call: int8 of (W + delta) ~ peft's exact base + LoRA; adapter off / grad: exact weights
+    lora = merged[0]
+    x = torch.randn(1, 2, lora.in_features)
+    with torch.no_grad():
+        ref = lora(x)
+        with int8_reads():
+            got_x = lora(x)
+            with fast.model.disable_adapter():
+                off = lora(x)
+        assert not torch.equal(got_x, ref) and (got_x - ref).norm() < 0.02 * ref.norm()
+        assert torch.equal(off, F.linear(x, lora.get_base_layer().weight, lora.get_base_layer().bias))
+    with int8_reads():
+        assert torch.equal(lora(x).detach(), ref)  # grad on (training): peft's own forward
     prompt = [{"role": "user", "content": "hello there"}]
 
     # one decode step's logits, int8 vs exact, through the same generate path

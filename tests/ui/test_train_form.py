@@ -138,7 +138,7 @@ def test_uploads_are_checked_and_copied_into_the_run_at_start(tmp_path):
     (tmp_path / "bin.csv").write_bytes(b"\x00\x01\x02")
     report = store_data([str(tmp_path / f) for f in ("data.jsonl", "evil.py", "big.jsonl", "bin.csv")], session)
     assert report[0].startswith("data.jsonl: uploaded")
-    assert "refused, training data is" in report[1] and "over the 52 MB limit" in report[2]
+    assert "refused, training data is" in report[1] and "over the 52.4 MB limit" in report[2]
     assert "not UTF-8 text" in report[3]
     assert sorted(p.name for p in session.iterdir()) == ["data.jsonl"]
     raw = {"data": {"train": [str(session / "data.jsonl"), "examples/data/train.jsonl"]}}
