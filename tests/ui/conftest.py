@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+CHROMIUM = Path("/usr/bin/chromium")
+"""Debian's chromium: the browser tests' only browser (never `playwright install`)."""
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -71,3 +76,15 @@ def api_with_key(pool) -> Iterator[LiveApi]:
 
     with LiveApi(build_api(pool, api_key="sekret"), free_port()) as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One chromium per test module (tests/ui/test_browser*.py)."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()

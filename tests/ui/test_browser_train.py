@@ -14,22 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_browser import ARGS, CHROMIUM, _bot_text, _pick, _send, _set_number, _wait
+from test_browser import _bot_text, _pick, _send, _set_number, _wait
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
-]
+pytestmark = pytest.mark.browser  # the `browser` fixture (conftest.py) skips without Debian's chromium
 ROOT = Path(__file__).parents[2]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
