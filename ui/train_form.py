@@ -28,12 +28,12 @@ from tunesmith.finetune import (
     Config,
     ConfigError,
     DataReport,
-    build_examples,
     detect_format,
     format_preview,
     load_config,
     load_records,
     load_tokenizer,
+    preview_examples,
     read_records,
     read_yaml,
     resolve_source,
@@ -363,21 +363,23 @@ class DataView:
     """The training files as the trainer will see them, for the report and the preview."""
 
     report: str
-    examples: list[Any] = field(default_factory=list)
+    examples: list[list[tuple[str, Any]]] = field(default_factory=list)
+    """Per record, its tokenized parts with a title: one SFT example (""), a pair's chosen and rejected sides, a
+    KTO answer with its label, a GRPO prompt."""
     tokenizer: Any = None
 
 
 def inspect_data(cfg: Config) -> DataView:
-    """Formats, record and token counts, and the tokenized records (what `tunesmith data preview` shows)."""
+    """Formats, record and token counts, and the tokenized records (what `tunesmith data preview` shows, by
+    `preview_examples`: preference pairs as chosen and rejected, KTO answers, GRPO prompts)."""
     if not cfg.data.train:
         return DataView("Pick or upload a training file to see its format, counts and a preview.")
     method = getattr(cfg, "method", "sft")
-    if method != "sft":  # preference pairs, KTO labels, GRPO prompts: no single trained-on reply to mark
-        n = len(load_records(cfg.data.train))
-        return DataView(f"- {n} records for method **{method}**. The masked-token preview is for `sft` data; "
-                        "*Estimate* (the dry run) reads and checks these records as training will.")
     lines = []
     for f in cfg.data.train:
+        if method != "sft":
+            lines.append(f"- `{Path(f).name}`: records for method **{method}**")
+            continue
         first = next(iter(read_records(f)), None)
         fmt = cfg.data.format if cfg.data.format != "auto" else (detect_format(first) if first else "empty")
         lines.append(f"- `{Path(f).name}`: format **{fmt}**")
@@ -388,10 +390,15 @@ def inspect_data(cfg: Config) -> DataView:
 
         tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
     report = DataReport()
-    examples = build_examples(records[:PREVIEW_LIMIT], tok, cfg.data, report)
+    grouped: list[list[tuple[str, Any]]] = []
+    for title, ex in preview_examples(records[:PREVIEW_LIMIT], tok, cfg, report):
+        if title == "rejected" and grouped:  # a pair is one record: chosen, then rejected
+            grouped[-1].append((title, ex))
+        else:
+            grouped.append([(title, ex)])
     counted = f" (first {PREVIEW_LIMIT} of {len(records)} records counted)" if len(records) > PREVIEW_LIMIT else ""
     lines += [f"- {line}" for line in report.lines()]
-    return DataView("\n".join(lines) + counted, examples, tok)
+    return DataView("\n".join(lines) + counted, grouped, tok)
 
 
 _ANSI = re.compile(r"\x1b\[([0-9;]*)m(.*?)\x1b\[0m", re.S)
@@ -404,13 +411,19 @@ def _span(kind: str, text: str) -> str:
 
 
 def preview_html(view: DataView, index: int) -> str:
-    """Record `index` with the trained-on tokens highlighted: format_preview's colours turned into HTML."""
+    """Record `index` with the trained-on tokens highlighted (format_preview's colours turned into HTML), each part
+    of a preference pair under its title."""
     if not view.examples:
         return ""
-    ex = view.examples[max(0, min(int(index), len(view.examples) - 1))]
-    text = format_preview(ex, view.tokenizer, color=True)
-    body, _, footer = text.rpartition("\n-- ")
-    spans = "".join(_span("trained" if code == "1;32" else "context", piece) for code, piece in _ANSI.findall(body))
-    return (f'<pre class="ts-preview" style="white-space:pre-wrap">{spans}</pre><div class="ts-legend">'
-            f'{html.escape(footer)} · {_span("trained", "trained on (loss)")} · {_span("context", "context only")}'
-            '</div>')
+    parts = view.examples[max(0, min(int(index), len(view.examples) - 1))]
+    out = []
+    for title, ex in parts:
+        text = format_preview(ex, view.tokenizer, color=True)
+        body, _, footer = text.rpartition("\n-- ")
+        spans = "".join(_span("trained" if code == "1;32" else "context", piece)
+                        for code, piece in _ANSI.findall(body))
+        head = f'<div class="ts-part"><b>{html.escape(title)}</b></div>' if title else ""
+        out.append(f'{head}<pre class="ts-preview" style="white-space:pre-wrap">{spans}</pre>'
+                   f'<div class="ts-legend">{html.escape(footer)}</div>')
+    legend = f'{_span("trained", "trained on (loss)")} · {_span("context", "context only")}'
+    return "".join(out) + f'<div class="ts-legend">{legend}</div>'

@@ -166,13 +166,21 @@ def test_data_report_and_masked_preview(tiny_model_dir, tmp_path):
     assert reply.split()[0] in "".join(trained)  # the assistant's reply is what is trained on
 
 
-def test_preference_data_is_counted_not_previewed(tmp_path):
+def test_preference_pairs_preview_both_sides_with_their_masks(tiny_model_dir, tmp_path):
     if "dpo" not in methods():
         pytest.skip("this config schema has no `method`")
-    cfg, message = check({"method": "dpo", "data": {"train": ["examples/data/pairs_train.jsonl"]}}, tmp_path)
+    cfg, message = check({"base_model": str(tiny_model_dir), "method": "dpo",
+                          "data": {"train": ["examples/data/pairs_train.jsonl"]}}, tmp_path)
     assert cfg is not None, message
     view = inspect_data(cfg)
-    assert "records for method **dpo**" in view.report and view.examples == []
+    n = sum(1 for line in Path("examples/data/pairs_train.jsonl").read_text().splitlines() if line.strip())
+    assert "records for method **dpo**" in view.report and f"{n} records ->" in view.report
+    assert len(view.examples) == n and [t for t, _ in view.examples[0]] == ["chosen", "rejected"]
+    html = preview_html(view, 0)
+    first = json.loads(Path("examples/data/pairs_train.jsonl").read_text().splitlines()[0])
+    assert html.index("<b>chosen</b>") < html.index("<b>rejected</b>")
+    trained = [p.split(">", 1)[1].split("</span>")[0] for p in html.split('<span class="trained"')[1:]]
+    assert first["chosen"] in "".join(trained) and first["rejected"] in "".join(trained)
 
 
 def test_shipped_yaml_round_trips_through_the_yaml_text(runs, tmp_path):
