@@ -3,6 +3,7 @@
     python benchmarks/chat_bench.py                        # embedded SmolLM2-135M-Instruct, every engine
     python benchmarks/chat_bench.py --only llama.cpp       # rerun one engine (comma list: ENGINES below)
     python benchmarks/chat_bench.py --tiny                 # seconds, tiny random model (CI smoke run)
+    python benchmarks/chat_bench.py --run runs/quickstart  # a fine-tuned run: its LoRA adapter live
 
 Engines (`--only` names): `tunesmith` (`Generator.stream` / `.batch`, exact weights), `tunesmith-int8` (the same
 with `decode_weights="int8"`, a second load: int8 swaps the model's linear layers in place), `transformers` (the
@@ -13,6 +14,11 @@ time. Single stream: median time to first visible text (TTFT) over `--stream-pro
 after that first text. Batched: `--concurrency` prompts at once, total generated tokens / wall seconds, and that
 over the engine's single-stream decode rate (issue 15's target: >= 4x). Every engine's tokens are counted the
 same way, the generated text re-tokenized with the model's tokenizer.
+
+With `--run RUN` the tunesmith engines load the run (`load_generator(RUN)`: the adapter live, as `tunesmith chat`
+serves it) and the transformers baseline loads the same base with the run's adapter through peft
+(`PeftModel.from_pretrained`, unmerged, as a transformers user serves an adapter); llama.cpp still runs the base
+GGUF (no adapter), so its row is a reference for speed only.
 """
 
 from __future__ import annotations
@@ -96,12 +102,16 @@ def _tunesmith(source: str, weights: str) -> tuple[Stream, Batch]:
     return stream, batch
 
 
-def _transformers(source: str, tok: Any, dtype: Any, device: str) -> tuple[Stream, Batch]:
+def _transformers(source: str, tok: Any, dtype: Any, device: str, run: str | None = None) -> tuple[Stream, Batch]:
     from transformers import AutoModelForCausalLM, TextIteratorStreamer, pipeline
 
     from tunesmith.finetune import resolve_base_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_base_model(source), dtype=dtype, device_map=device).eval()
+    if run:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(run) / "adapter")).eval()
 
     def stream(p: str, n: int) -> tuple[float, float, str]:
         def start(emit: Callable[[str], None]) -> None:
@@ -231,6 +241,7 @@ def main() -> None:
     ap.add_argument("--stream-prompts", type=int, default=None, help="prompts timed one at a time (default 3, tiny 1)")
     ap.add_argument("--repeats", type=int, default=None, help="each measurement repeated, the fastest kept (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: torch.get_num_threads())")
+    ap.add_argument("--run", help="a LoRA run folder: tunesmith and transformers decode with its adapter live")
     a = ap.parse_args()
     only = [e.strip() for e in a.only.split(",") if e.strip()]
     if bad := [e for e in only if e not in ENGINES]:
@@ -261,7 +272,12 @@ def main() -> None:
             source = str(build_tiny_model(Path(d) / "tiny"))
         else:
             source = "embedded"
+        if a.run:
+            from tunesmith.finetune import read_yaml
+
+            source = str(read_yaml(Path(a.run) / "config.yaml")["base_model"])  # the run's base, for the baseline
         tok = load_tokenizer(source)
+        ours = a.run or source  # what the tunesmith engines load
 
         def count(text: str) -> int:
             return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -278,11 +294,12 @@ def main() -> None:
         per_slot = longest + a.max_new_tokens + 16
         gguf_name = "tiny f16" if a.tiny else "embedded Q4_1"
         engines: dict[str, tuple[str, str, str, Callable[[], tuple[Stream, Batch]]]] = {  # name: paths, skip, build
-            "tunesmith": ("Generator.stream", "Generator.batch", "", lambda: _tunesmith(source, "exact")),
+            "tunesmith": ("Generator.stream", "Generator.batch", "", lambda: _tunesmith(ours, "exact")),
             "tunesmith-int8": ('stream, decode_weights="int8"', 'batch, decode_weights="int8"', "",
-                               lambda: _tunesmith(source, "int8")),
-            "transformers": ("generate + TextIteratorStreamer", f"pipeline, batch_size {a.concurrency}", "",
-                             lambda: _transformers(source, tok, dtype, device)),
+                               lambda: _tunesmith(ours, "int8")),
+            "transformers": ("generate + TextIteratorStreamer" + (" (peft)" if a.run else ""),
+                             f"pipeline, batch_size {a.concurrency}", "",
+                             lambda: _transformers(source, tok, dtype, device, a.run)),
             "llama.cpp": (f"xllamacpp, {gguf_name} GGUF, 1 slot", f"xllamacpp, {a.concurrency} slots",
                           "" if llamacpp_available() else "skipped: xllamacpp is not installed (pip install xllamacpp)",
                           lambda: _llamacpp(gguf(), tok, per_slot, a.concurrency, threads)),
@@ -297,6 +314,7 @@ def main() -> None:
             gc.collect()  # one model in memory at a time: the engine's closures are gone
 
     model = "tiny random model" if a.tiny else "SmolLM2-135M-Instruct (embedded)"
+    model += f", LoRA run {a.run} (adapter live; llama.cpp: the base GGUF)" if a.run else ""
     print(f"Chat decoding, {model}, greedy, max_new_tokens={a.max_new_tokens}, best of {a.repeats}")
     print(_machine(threads, dtype))
     print(f"\nSingle stream (median TTFT over {a.stream_prompts} prompts; decode tok/s after the first text)")
