@@ -81,13 +81,15 @@ def test_dpo_bench_tiny_prints_both_trainers_and_their_losses_per_step():
     out = _run("dpo_bench.py")
     speed, _, per_step = out.partition("Loss per step")
     rows = _rows(speed)
-    assert list(rows) == ["tunesmith", "trl"], out
+    assert list(rows) == ["tunesmith", "tunesmith-whole", "trl"], out
     assert rows["trl"][2] == "1.00x" and rows["tunesmith"][2].endswith("x")  # tokens/s vs TRL
+    forwarded = {k: int(r[3].replace(",", "")) for k, r in rows.items()}  # the shared prompt forwards fewer tokens
+    assert forwarded["tunesmith"] < forwarded["tunesmith-whole"] <= forwarded["trl"], out
     assert all(float(r[-1]) > 0 for r in rows.values())  # final loss
     steps = _rows(per_step.split("\nnote:")[0])
     assert list(steps) == ["1", "2", "3"], out
-    for tunesmith, trl, _diff in steps.values():
-        assert float(tunesmith) > 0 and float(trl) > 0
-    # step 1: the adapter starts as a no-op, so the policy is the reference and both losses are log 2
-    assert abs(float(steps["1"][0]) - 0.6931) < 2e-4 and abs(float(steps["1"][1]) - 0.6931) < 2e-4
+    for tunesmith, whole, trl, _diff in steps.values():
+        assert float(tunesmith) > 0 and float(whole) > 0 and float(trl) > 0
+    # step 1: the adapter starts as a no-op, so the policy is the reference and every loss is log 2
+    assert all(abs(float(x) - 0.6931) < 2e-4 for x in steps["1"][:3])
     assert "real tokens" in out
