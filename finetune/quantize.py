@@ -67,6 +67,9 @@ class Int8DecodeLinear(torch.nn.Module):
     It keeps `weight`/`bias` as the very same parameters (tied embeddings stay tied, peft's LoRA layer still finds
     `base_layer.weight`), and presents `in_features`/`out_features` like the layer it wraps."""
 
+    qweight: torch.Tensor
+    qscale: torch.Tensor
+
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.weight = linear.weight
