@@ -9,8 +9,9 @@ one core each) and beside a `parallel` job (a torch process doing matrix product
 does). The table gives the median seconds of each and their ratio, measured side by side in one run; both paths
 should cost the same, loaded or not. CPU seconds are the server process's own (user + system), from /proc.
 
-Two servers are compared: `tunesmith` (as `tunesmith serve` starts: OpenMP threads wait passively) and `spin`
-(libgomp's default wait: threads spin ~300k times at every barrier before they sleep; what tunesmith did before).
+Two servers are compared by default: `tunesmith` (as `tunesmith serve` starts: OpenMP threads wait passively) and
+`spin` (libgomp's default wait: threads spin ~300k times at every barrier before they sleep; what tunesmith did
+before); `spin30k` and `spin3k` are shorter spins, for `--servers`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _server_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-SERVERS = {"tunesmith": {}, "spin": {"GOMP_SPINCOUNT": "300000"}}
+SERVERS = {"tunesmith": {}, "spin": {"GOMP_SPINCOUNT": "300000"}, "spin30k": {"GOMP_SPINCOUNT": "30000"},
+           "spin3k": {"GOMP_SPINCOUNT": "3000"}}
 """Extra environment of each server: libgomp's default spin count set explicitly keeps the CLI's passive default off."""
 
 
