@@ -440,8 +440,9 @@ def prepare_state(s: Any, resume: bool) -> MethodState:
 
 @torch.no_grad()
 def check_logps(s: Any, rtol: float) -> None:
-    """The step-0 check of the fused head (`loss.check_loss` for SFT): token log-probs through it against the
-    model's whole forward, on one pair / answer / sample of the first micro-batch."""
+    """The step-0 checks, on one pair / answer / sample of the first micro-batch: the fused head's token log-probs
+    against the model's whole forward (`train.fused_loss`; `loss.check_loss` for SFT), and the shared prompt's
+    per-sequence log-probs against the sequences forwarded whole (`data.share_prompt`)."""
     cfg, pad, dev = s.cfg, s.tokenizer.pad_token_id, s.accelerator.device
     first = s.batches[s.plan[0][0]][:1]
     share = can_share(cfg, s.model)
@@ -453,8 +454,9 @@ def check_logps(s: Any, rtol: float) -> None:
         inputs, whole = collate(cfg, first, pad, dev, share), collate(cfg, first, pad, dev)
     was = s.loss_model.training
     s.loss_model.eval()
-    ours = float(s.loss_model(**_forward_inputs(inputs), mode="fused").double().mean())
-    theirs = float(s.loss_model(**_forward_inputs(inputs), mode="plain").double().mean())
+    mode = "fused" if cfg.train.fused_loss else "plain"
+    ours = float(s.loss_model(**_forward_inputs(inputs), mode=mode).double().mean())
+    theirs = float(s.loss_model(**_forward_inputs(inputs), mode="plain").double().mean()) if mode == "fused" else ours
     if math.isfinite(theirs) and not abs(ours - theirs) <= rtol * max(1.0, abs(theirs)):
         raise ConfigError(
             f"{cfg.base_model}: tunesmith's fused log-probs on the first batch average {ours:.5f} per token but the "
@@ -462,7 +464,7 @@ def check_logps(s: Any, rtol: float) -> None:
             "does not reproduce, so training would optimise the wrong loss. Set train.fused_loss=false to train "
             "through the model's own forward (exact, more memory), and please report the model.")
     if share:  # the shared prompt must give each sequence the log-probs it has forwarded alone
-        got, want = _sums(s, inputs), _sums(s, whole)
+        got, want = _sums(s, inputs, mode), _sums(s, whole, mode)
         if not torch.allclose(got, want, rtol=rtol, atol=rtol):
             raise ConfigError(
                 f"{cfg.base_model}: with the prompt shared (data.share_prompt) the first batch's sequences get "
@@ -476,9 +478,10 @@ def _forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
             if k in batch}
 
 
-def _sums(s: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Summed log-prob per sequence through the fused head: comparable across layouts (token order is not)."""
-    lp = s.loss_model(**_forward_inputs(batch), mode="fused").double()
+def _sums(s: Any, batch: dict[str, Any], mode: str) -> torch.Tensor:
+    """Summed log-prob per sequence (`mode`: through the fused head or the model's whole forward): comparable across
+    layouts, as token order is not."""
+    lp = s.loss_model(**_forward_inputs(batch), mode=mode).double()
     seq = batch["sequence"][batch["targets"] != IGNORE]
     return torch.zeros(int(batch["n_seqs"]), dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
 

@@ -207,7 +207,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler, labels,
               val_prompts, val_answers)
     # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
-    if t.fused_loss:
+    if t.fused_loss or cfg.method != "sft":  # preference methods: also the shared prompt (data.share_prompt)
         rtol = 1e-4 if dtype == torch.float32 else 2e-2
         if cfg.method == "sft":
             check_loss(loss_model, s.inputs(batches[plan[0][0]][:1]), cfg.base_model, rtol=rtol)

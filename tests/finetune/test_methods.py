@@ -190,8 +190,9 @@ def test_a_model_that_ignores_the_shared_mask_is_caught_before_step_1(tiny_model
         return batch
 
     monkeypatch.setattr(pairs, "_collate_shared", leaky)
-    with pytest.raises(ConfigError, match="data.share_prompt=false"):
-        setup(_cfg(tiny_model_dir, tmp_path, "dpo"))
+    for fused in (True, False):  # also when training through the model's own forward
+        with pytest.raises(ConfigError, match="data.share_prompt=false"):
+            setup(_cfg(tiny_model_dir, tmp_path / str(fused), "dpo", f"train.fused_loss={fused}"))
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
