@@ -241,8 +241,14 @@ def total_reward(scores: torch.Tensor, rewards: Sequence[Reward]) -> torch.Tenso
 
 
 def reward_metrics(scores: torch.Tensor, rewards: Sequence[Reward]) -> dict[str, float]:
-    """`reward_mean/<name>` per function (over the completions it applied to) and `reward_mean` of the total."""
-    out = {f"reward_mean/{r.name}": float(scores[:, k].nanmean()) for k, r in enumerate(rewards)}
+    """`reward_mean/<name>` and `reward_std/<name>` per function (over the completions it applied to: NaN, "does
+    not apply", is left out; the std is unbiased, 0 with fewer than 2 scores, as TRL's `nanstd`) and `reward_mean`
+    of the total."""
+    out: dict[str, float] = {}
+    for k, r in enumerate(rewards):
+        col = scores[:, k][~scores[:, k].isnan()]
+        out[f"reward_mean/{r.name}"] = float(col.mean()) if col.numel() else float("nan")
+        out[f"reward_std/{r.name}"] = float(col.std()) if col.numel() > 1 else 0.0
     out["reward_mean"] = float(total_reward(scores, rewards).mean())
     return out
 

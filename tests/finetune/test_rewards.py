@@ -125,6 +125,9 @@ def test_score_rewards_convention_and_errors(user_module: str) -> None:
     m = reward_metrics(scores, rewards)
     assert m["reward_mean/my_rewards_mod:uses_fields"] == pytest.approx(8 / 3)
     assert m["reward_mean/exact_match"] == 0.5 and m["reward_mean"] == pytest.approx(9 / 4)
+    # std per function, unbiased, over the completions it applied to: [1, 3, 4] and [1, 0, 1, 0]
+    assert m["reward_std/my_rewards_mod:uses_fields"] == pytest.approx(math.sqrt(7 / 3))
+    assert m["reward_std/exact_match"] == pytest.approx(math.sqrt(1 / 3))
     with pytest.raises(RewardError, match=r"d.jsonl:2: exact_match: the record has no `answer`"):
         score_rewards([load_reward("exact_match")], P, ["a"] * 4, {"answer": ["a", None, "c", "d"]}, where)
     with pytest.raises(RewardError, match=r"reward `my_rewards_mod:broken` raised KeyError.*d.jsonl:1"):
