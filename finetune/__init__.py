@@ -11,7 +11,7 @@ This package is the only door `chains/`, `ui/` and the CLI use (a test checks th
   validator for typed YAML sections (chain configs use it too), `read_yaml`, `parse_override` (`key=value`).
 - data: `read_records`, `load_records`, `build_examples`, `format_preview`, `resolve_chat_template`, `Record`,
   `DataReport`, `DataError`, `detect_format` (a record's format from its keys, as `data.format: auto` does),
-  `preview_examples` (what `tunesmith data preview` shows, preference pairs as chosen then rejected).
+  `preview_examples` (what `tunesmith data preview` shows, per record: preference pairs as chosen then rejected).
 - models: `resolve_source` -> `Source` (what a run folder, model folder, .gguf, `embedded` or hub id is, checked
   once), `load_run`, `LoadedRun`, `load_tokenizer`, `resolve_base_model`, `is_run_dir` (a finished run),
   `EMBEDDED_ALIASES`, `cache_dir` (where tunesmith caches), `ModelLoadError`.

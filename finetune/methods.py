@@ -58,6 +58,7 @@ from .preference import (
     reference_logps,
     sequence_logps,
     simpo_loss,
+    sum_by_sequence,
     token_logps,
 )
 
@@ -192,27 +193,28 @@ def _check_kto_balance(cfg: Config, items: list[KtoExample]) -> None:
                     k.undesirable_weight * bad / good)
 
 
-def preview_examples(records: list[Record], tok: Any, cfg: Config, report: DataReport) -> list[tuple[str, Example]]:
-    """What `tunesmith data preview` shows, by each record's kind: SFT examples as they are, both sides of a
-    preference pair (chosen, then rejected), a KTO answer with its label, and a GRPO prompt (nothing trained: the
-    answers are sampled during training)."""
+def preview_examples(records: list[Record], tok: Any, cfg: Config, report: DataReport
+                     ) -> list[list[tuple[str, Example]]]:
+    """What `tunesmith data preview` shows, per record its titled parts, by the record's kind: an SFT example as it
+    is (title ""), both sides of a preference pair (chosen, then rejected), a KTO answer with its label, and a GRPO
+    prompt (nothing trained: the answers are sampled during training)."""
     if not records or detect_kind(records[0]) == "sft":
-        return [("", ex) for ex in build_examples(records, tok, cfg.data, report)]
+        return [[("", ex)] for ex in build_examples(records, tok, cfg.data, report)]
     kind = detect_kind(records[0])
     method = cfg.method if cfg.method != "sft" else {"pair": "dpo", "unpaired": "kto", "prompt": "grpo"}[kind]
-    out: list[tuple[str, Example]] = []
+    out: list[list[tuple[str, Example]]] = []
     for item in load_items(cfg, tok, records, report, method):
         if isinstance(item, PairExample):
-            out += [("chosen", item.chosen), ("rejected", item.rejected)]
+            out.append([("chosen", item.chosen), ("rejected", item.rejected)])
         elif isinstance(item, KtoExample):
-            out.append(("desirable" if item.label else "undesirable", item.example))
+            out.append([("desirable" if item.label else "undesirable", item.example)])
         else:
             text = tok.apply_chat_template(item.prompt, chat_template=_template(tok, cfg), tokenize=False,
                                            add_generation_prompt=True)
             ids = tok(text, add_special_tokens=False)["input_ids"]
             fields = ", ".join(f"{k}={v!r:.40}" for k, v in item.fields.items())
-            out.append((f"prompt (answers are sampled in training; fields: {fields or 'none'})",
-                        make_example(ids, [False] * len(ids), len(ids), item.where)[0]))
+            out.append([(f"prompt (answers are sampled in training; fields: {fields or 'none'})",
+                         make_example(ids, [False] * len(ids), len(ids), item.where)[0])])
     return out
 
 
@@ -449,13 +451,17 @@ def check_logps(s: Any, rtol: float) -> None:
     if cfg.method == "grpo":
         from .grpo import probe_inputs
 
-        inputs, whole = probe_inputs(s, first[0], share), probe_inputs(s, first[0])
+        def inputs_for(shared: bool) -> dict[str, Any]:
+            return probe_inputs(s, first[0], shared)
     else:
-        inputs, whole = collate(cfg, first, pad, dev, share), collate(cfg, first, pad, dev)
+        def inputs_for(shared: bool) -> dict[str, Any]:
+            return collate(cfg, first, pad, dev, shared)
+    inputs = inputs_for(share)
     was = s.loss_model.training
     s.loss_model.eval()
     mode = "fused" if cfg.train.fused_loss else "plain"
-    ours = float(s.loss_model(**_forward_inputs(inputs), mode=mode).double().mean())
+    lp = s.loss_model(**_forward_inputs(inputs), mode=mode).double()
+    ours = float(lp.mean())
     theirs = float(s.loss_model(**_forward_inputs(inputs), mode="plain").double().mean()) if mode == "fused" else ours
     if math.isfinite(theirs) and not abs(ours - theirs) <= rtol * max(1.0, abs(theirs)):
         raise ConfigError(
@@ -464,7 +470,9 @@ def check_logps(s: Any, rtol: float) -> None:
             "does not reproduce, so training would optimise the wrong loss. Set train.fused_loss=false to train "
             "through the model's own forward (exact, more memory), and please report the model.")
     if share:  # the shared prompt must give each sequence the log-probs it has forwarded alone
-        got, want = _sums(s, inputs, mode), _sums(s, whole, mode)
+        whole = inputs_for(False)
+        got = sum_by_sequence(lp, inputs)
+        want = sum_by_sequence(s.loss_model(**_forward_inputs(whole), mode=mode).double(), whole)
         if not torch.allclose(got, want, rtol=rtol, atol=rtol):
             raise ConfigError(
                 f"{cfg.base_model}: with the prompt shared (data.share_prompt) the first batch's sequences get "
@@ -476,14 +484,6 @@ def check_logps(s: Any, rtol: float) -> None:
 def _forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in ("input_ids", "targets", "sequence", "n_seqs", "attention_mask", "position_ids")
             if k in batch}
-
-
-def _sums(s: Any, batch: dict[str, Any], mode: str) -> torch.Tensor:
-    """Summed log-prob per sequence (`mode`: through the fused head or the model's whole forward): comparable across
-    layouts, as token order is not."""
-    lp = s.loss_model(**_forward_inputs(batch), mode=mode).double()
-    seq = batch["sequence"][batch["targets"] != IGNORE]
-    return torch.zeros(int(batch["n_seqs"]), dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
 
 
 # -- eval ----------------------------------------------------------------------------------------------------------

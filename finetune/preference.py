@@ -84,11 +84,14 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor], chunk: int = 1024
     sequences back to back, positions restarting) give the same numbers. Sums, not means: DPO and KTO use sums,
     ORPO and SimPO divide by the counts (`mean = sums / counts`)."""
     lp = token_logps(model, batch, chunk, fused)
+    return sum_by_sequence(lp, batch), sum_by_sequence(torch.ones_like(lp), batch)
+
+
+def sum_by_sequence(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-target `values` (as `token_logps` orders them) summed per sequence, shape (n_seqs,): the same numbers
+    whatever the layout (padded, packed, shared prompt), as `batch["sequence"]` names each target's sequence."""
     seq = batch["sequence"][batch["targets"] != IGNORE]
-    n = int(batch["n_seqs"])
-    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
-    counts = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seq, torch.ones_like(lp))
-    return sums, counts
+    return torch.zeros(int(batch["n_seqs"]), dtype=values.dtype, device=values.device).index_add(0, seq, values)
 
 
 @torch.no_grad()

@@ -125,7 +125,7 @@ def use_int8_decode(model: torch.nn.Module) -> int:
     Returns how many layers read int8. The weights must not change afterwards (a Generator over a trained run)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    merged: set[int] = set()
+    merged = 0
     skip: set[int] = set()
     for m in model.modules():
         if isinstance(m, BaseTunerLayer):  # the adapter's own small matrices are never swapped
@@ -133,14 +133,14 @@ def use_int8_decode(model: torch.nn.Module) -> int:
                 if name != "base_layer":
                     skip.update(id(x) for x in child.modules())
             if _merge_lora_int8(m):
-                merged.add(id(m))
+                merged += 1
                 skip.add(id(m.get_base_layer()))
     swaps = [(name, m) for name, m in model.named_modules()
              if type(m) is torch.nn.Linear and id(m) not in skip and m.weight.device.type == "cpu"]
     for name, m in swaps:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, Int8DecodeLinear(m))
-    return len(swaps) + len(merged)
+    return len(swaps) + merged
 
 
 def resolve_decode_weights(choice: str, device: torch.device) -> str:

@@ -150,11 +150,12 @@ def _preview(a: argparse.Namespace) -> int:
     records = load_records(files)[a.start: a.start + a.n]
     report = DataReport()
     color = sys.stdout.isatty() and not a.no_color
-    for title, ex in preview_examples(records, tok, cfg, report):  # preference pairs: chosen, then rejected
-        if title:
-            print(f"== {title}")
-        print(format_preview(ex, tok, color=color))
-        print()
+    for parts in preview_examples(records, tok, cfg, report):  # preference pairs: chosen, then rejected
+        for title, ex in parts:
+            if title:
+                print(f"== {title}")
+            print(format_preview(ex, tok, color=color))
+            print()
     for line in report.lines():
         print(line)
     if not color:

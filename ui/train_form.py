@@ -390,15 +390,10 @@ def inspect_data(cfg: Config) -> DataView:
 
         tok.chat_template = resolve_chat_template(tok, cfg.data.chat_template)
     report = DataReport()
-    grouped: list[list[tuple[str, Any]]] = []
-    for title, ex in preview_examples(records[:PREVIEW_LIMIT], tok, cfg, report):
-        if title == "rejected" and grouped:  # a pair is one record: chosen, then rejected
-            grouped[-1].append((title, ex))
-        else:
-            grouped.append([(title, ex)])
+    examples = preview_examples(records[:PREVIEW_LIMIT], tok, cfg, report)
     counted = f" (first {PREVIEW_LIMIT} of {len(records)} records counted)" if len(records) > PREVIEW_LIMIT else ""
     lines += [f"- {line}" for line in report.lines()]
-    return DataView("\n".join(lines) + counted, grouped, tok)
+    return DataView("\n".join(lines) + counted, examples, tok)
 
 
 _ANSI = re.compile(r"\x1b\[([0-9;]*)m(.*?)\x1b\[0m", re.S)
