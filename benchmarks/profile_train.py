@@ -3,7 +3,8 @@
     python benchmarks/profile_train.py                    # embedded SmolLM2-135M, quickstart settings
     python benchmarks/profile_train.py --tiny             # seconds (smoke)
     python benchmarks/profile_train.py --experiments      # also: threads, fused AdamW, packed mask vs causal,
-                                                          #       fp32 vs bf16, autocast (interleaved)
+                                                          #       fp32 vs bf16, autocast, compiled (interleaved)
+    python benchmarks/profile_train.py --compile off      # profile the uncompiled loop
 
 1. Peak matmul GFLOP/s in bf16 and fp32 (one big `torch.matmul`), the ceiling for a matmul-bound step.
 2. The step split into phases (collate, forward, backward, optimizer) by wall clock, and a torch.profiler op table
@@ -38,14 +39,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _setup(model: str, out: Path, precision: str, steps: int, batch: int):
+def _setup(model: str, out: Path, precision: str, steps: int, batch: int, compile_mode: str = "auto"):
     from tunesmith.finetune import load_config
     from tunesmith.finetune.trainer import setup
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"base_model={model}", f"output_dir={out}", f"data.train=[{TRAIN}]", "data.val_set_size=0",
         f"train.max_steps={steps}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
-        f"train.precision={precision}", f"train.micro_batch_size={batch}"])
+        f"train.precision={precision}", f"train.micro_batch_size={batch}", f"train.compile={compile_mode}"])
     return setup(cfg, check_output=False)
 
 
@@ -61,7 +62,8 @@ def _step(s, step: int, timer: dict | None = None, packed: bool = True, drop_pos
     t_fwd = t_bwd = t_col = 0.0
     for batch in group:
         a = time.perf_counter()
-        inputs = collate(batch if packed else examples_in(batch), packed, s.tokenizer.pad_token_id)
+        inputs = (s.inputs(batch, train=True) if packed  # as `fit` collates it (padded when compiled)
+                  else collate(examples_in(batch), packed, s.tokenizer.pad_token_id))
         if drop_positions:  # same compute, plain causal mask instead of the block-diagonal one
             inputs.pop("position_ids", None)
         b = time.perf_counter()
@@ -92,8 +94,11 @@ _MM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear
 
 
 def _category(name: str, shapes: list, r: int, vocab: int) -> str:
-    if "scaled_dot_product" in name or "flash_attention" in name:
-        return "attention (SDPA fwd + bwd)"
+    if "scaled_dot_product" in name or "flash_attention" in name or name == "aten::bmm" or (
+            "cpp_fused" in name and "softmax" in name):
+        return "attention (SDPA, or bmm + fused softmax)"
+    if "cpp_fused" in name or "CompiledFxGraph" in name:
+        return "elementwise fused by inductor (norms, rope, silu, adds)"
     if name in _MASK_OPS:
         return "attention mask building"
     if any(k in name for k in ("cross_entropy", "log_softmax", "nll_loss")):
@@ -109,7 +114,7 @@ def _category(name: str, shapes: list, r: int, vocab: int) -> str:
         return "dtype copies / casts"
     if name in ("aten::index_select", "aten::embedding", "aten::embedding_dense_backward"):
         return "embedding"
-    return "elementwise (norms, rope, silu, add, mul, ...)"
+    return "elementwise, eager ops (norms, rope, silu, add, mul, ...)"
 
 
 def profile_ops(s, steps: int) -> list[tuple[str, float, float]]:
@@ -168,7 +173,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="packed rows of 256 tokens per step (quickstart: 8)")
     ap.add_argument("--experiments", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="with --experiments: also time torch.compile")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="train.compile for the profiled run (auto: compiled on the embedded model, as `fit` runs)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="profile-") as d:
@@ -183,9 +189,15 @@ def main() -> None:
         peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
         print(f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s (2048^3, best of 6)")
 
-        s = _setup(model, tmp / "run", "bf16", 100, a.batch)
+        if a.compile != "off":  # names each inductor kernel in the profile (else one "CompiledFxGraph" row)
+            import torch._inductor.config as inductor_config
+
+            inductor_config.cpp.enable_kernel_profile = True
+        s = _setup(model, tmp / "run", "bf16", 100, a.batch, a.compile)
+        t = time.perf_counter()
         timer: dict[str, float] = defaultdict(float)
         _step(s, 0)
+        print(f"first step (compiles when compiled): {time.perf_counter() - t:.1f} s")
         for i in range(a.steps):
             _step(s, 1 + i, timer)
         tps = timer["tokens"] / timer["total"]
@@ -209,10 +221,12 @@ def main() -> None:
 
         if not a.experiments:
             return
-        experiments(s, _setup(model, tmp / "run32", "fp32", 100, a.batch), a)
+        # the variants below change the eager loop; the compiled run above joins them as one more variant
+        experiments(_setup(model, tmp / "eager", "bf16", 100, a.batch, "off"),
+                    _setup(model, tmp / "run32", "fp32", 100, a.batch, "off"), a, compiled=s if s.pad else None)
 
 
-def experiments(s, s32, a: argparse.Namespace) -> None:
+def experiments(s, s32, a: argparse.Namespace, compiled=None) -> None:
     """Each variant runs one step in turn, round-robin, so load from other processes hits them all alike."""
     threads = torch.get_num_threads()
     params = [p for p in s.model.parameters() if p.requires_grad]
@@ -246,6 +260,8 @@ def experiments(s, s32, a: argparse.Namespace) -> None:
         "fp32 base (train.precision=fp32)": lambda i: _step(s32, i),
         "fp32 base + torch.autocast(bf16)": lambda i: _step(s32, i, autocast=True),
     }
+    if compiled is not None:
+        variants["bf16, compiled decoder layers (train.compile=auto, as `fit` runs)"] = lambda i: _step(compiled, i)
     tok: dict[str, float] = defaultdict(float)
     sec: dict[str, float] = defaultdict(float)
     for run in variants.values():  # warm-up
@@ -257,23 +273,6 @@ def experiments(s, s32, a: argparse.Namespace) -> None:
             sec[name] += time.perf_counter() - t
             print(f"  round {i + 1}: {name[:60]} {tok[name] / sec[name]:.0f} tokens/s", flush=True)
     ref = next(iter(variants))
-    if a.compile:  # compiling changes `s` for every variant, so it is timed after them, on one repeated batch
-        # packed rows vary in width and every new shape recompiles (minutes on a CPU), so the steady-state speed is
-        # timed on the batch the compile saw, against the same batch uncompiled
-        for name, compiled in (("bf16, same batch repeated, eager (for the row below)", False),
-                               ("bf16, torch.compile(decoder), same batch repeated", True)):
-            if compiled:
-                s.loss_model.peft_model.get_base_model().model.compile()
-                t = time.perf_counter()
-                _step(s, 0)
-                print(f"torch.compile: first step (compiling) {time.perf_counter() - t:.0f} s", flush=True)
-            for _ in range(a.steps):
-                t = time.perf_counter()
-                tok[name] += _step(s, 0)
-                sec[name] += time.perf_counter() - t
-        t = time.perf_counter()
-        _step(s, 1)
-        print(f"torch.compile: a step with new row widths (recompiles) {time.perf_counter() - t:.0f} s", flush=True)
     print(f"\nexperiments, interleaved round-robin, {a.steps} steps each (tokens/s):")
     for name in tok:
         v = tok[name] / sec[name]

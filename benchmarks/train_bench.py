@@ -5,7 +5,8 @@
 
 Each (config, repeat) trains in its own subprocess so peak RSS is clean. Measured per run:
 - real tokens/s: non-pad input tokens of the optimizer steps / wall time of the training loop (model load,
-  tokenization and saving excluded, the same for both);
+  tokenization and saving excluded, the same for both); the first step (torch.compile's, when compiled) counts;
+- first step: seconds to the end of step 1; steady tokens/s: the same ratio over steps 2.. (no first step);
 - peak RSS: VmHWM of the worker process at the end of training (includes the model load);
 - train loss of the last step (mean over trained tokens; each trainer's own number);
 - held-out loss: every adapter is evaluated by the same code (`tunesmith.finetune.evaluate.eval_loss`, fp32,
@@ -37,14 +38,15 @@ TRAIN = ROOT / "examples" / "data" / "train.jsonl"
 TEST = ROOT / "examples" / "data" / "test.jsonl"
 
 CONFIGS = {
-    "tunesmith": "tunesmith, packed rows, bf16 base + fp32 LoRA (the product default)",
+    "tunesmith": "tunesmith, packed rows, bf16 base + fp32 LoRA, train.compile=auto (the product default)",
+    "tunesmith-eager": "tunesmith with train.compile=off (uncompiled layers)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
     "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
     "tunesmith-nl": "tunesmith, also trained on the \"\\n\" after <|im_end|> as TRL is (same rows, labels only)",
     "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True",
     "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), bf16 base + bf16=True",
 }
-DEFAULT = ["tunesmith", "trl-packed", "trl-unpacked"]
+DEFAULT = ["tunesmith", "tunesmith-eager", "trl-packed", "trl-unpacked"]
 
 
 # -- worker: one training run in this process -------------------------------------------------------------------
@@ -61,6 +63,7 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
     from tunesmith.finetune import load_config, train
 
     precision = "fp32" if a.worker == "tunesmith-fp32" else "bf16"
+    compile_mode = "off" if a.worker == "tunesmith-eager" else "auto"
     if a.worker == "tunesmith-fileorder":  # an experiment, not an option: which examples share a packed row
         import tunesmith.finetune.trainer as trainer
         from tunesmith.finetune.data import pack
@@ -89,13 +92,16 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
         f"data.max_length={a.max_length}", "data.packing=true", f"seed={a.seed}",
         f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
-        f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}"])
+        f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}",
+        f"train.compile={compile_mode}"])
     summary = train(cfg)
     rss = _peak_rss_mb()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    last = rows[-1]
-    return {"tokens": round(last["tokens_per_s"] * last["elapsed_s"]), "seconds": last["elapsed_s"],
+    first, last = rows[0], rows[-1]
+    tokens = [r["tokens_per_s"] * r["elapsed_s"] for r in (first, last)]
+    return {"tokens": round(tokens[1]), "seconds": last["elapsed_s"], "first_step_s": first["elapsed_s"],
+            "steady_tokens_per_s": round((tokens[1] - tokens[0]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9), 1),
             "trained_tokens": sum(r["target_tokens"] for r in rows), "final_loss": summary["final_loss"],
             "peak_rss_mb": rss, "adapter": str(out / "adapter")}
 
@@ -116,7 +122,7 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    counts = {"tokens": 0, "trained": 0, "t0": None, "t1": None}
+    counts = {"tokens": 0, "trained": 0, "t0": None, "t1": None, "first": None}
 
     class CountingTrainer(SFTTrainer):
         """Counts real (non-pad) input tokens and trained tokens of every batch the optimizer sees."""
@@ -135,6 +141,8 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
 
         def on_step_end(self, *args, **kw):
             counts["t1"] = time.perf_counter()
+            if counts["first"] is None:
+                counts["first"] = (counts["t1"], counts["tokens"])
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
@@ -157,7 +165,10 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
     rss = _peak_rss_mb()
     trainer.model.save_pretrained(out / "adapter")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    (t_first, tokens_first) = counts["first"]
     return {"tokens": counts["tokens"], "seconds": round(counts["t1"] - counts["t0"], 2),
+            "first_step_s": round(t_first - counts["t0"], 2),
+            "steady_tokens_per_s": round((counts["tokens"] - tokens_first) / max(counts["t1"] - t_first, 1e-9), 1),
             "trained_tokens": counts["trained"], "final_loss": round(losses[-1], 5), "peak_rss_mb": rss,
             "adapter": str(out / "adapter")}
 
@@ -240,15 +251,17 @@ def _summarise(runs: list[dict]) -> dict:
 
 def table(results: dict[str, dict], baseline: str) -> str:
     base = results.get(baseline)
-    head = ["config", "tokens/s", "vs " + baseline, "peak RSS MB", "vs " + baseline, "tokens seen", "trained tok",
-            "train loss", "held-out loss", "by seed"]
+    head = ["config", "tokens/s", "vs " + baseline, "steady tok/s", "vs " + baseline, "first step s", "peak RSS MB",
+            "vs " + baseline, "tokens seen", "trained tok", "train loss", "held-out loss", "by seed"]
     rows = [head]
     for name, r in results.items():
         tps = f"{base and r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         rss = f"{base and r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        steady = f"{base and r['steady_tokens_per_s'] / base['steady_tokens_per_s']:.2f}x" if base else "-"
         loss = f"{r['eval_loss']:.4f}" + (f" +- {r['eval_sd']:.4f}" if len(r["eval_by_seed"]) > 1 else "")
         seeds = " ".join(f"{v:.4f}" for v in r["eval_by_seed"].values())
-        rows.append([name, f"{r['tokens_per_s']:,.0f}", tps, f"{r['peak_rss_mb']:,.0f}", rss, f"{r['tokens']:,}",
+        rows.append([name, f"{r['tokens_per_s']:,.0f}", tps, f"{r['steady_tokens_per_s']:,.0f}", steady,
+                     f"{r['first_step_s']:.1f}", f"{r['peak_rss_mb']:,.0f}", rss, f"{r['tokens']:,}",
                      f"{r['trained_tokens']:,}", f"{r['final_loss']:.4f}", loss, seeds])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     fmt = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -267,7 +280,7 @@ def main() -> None:
     ap.add_argument("--permute", action="store_true",
                     help="each seed trains every config on its own random permutation of the training file, so "
                     "packers that fill rows in file order (TRL, tunesmith) get new rows per seed, the same for all")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--epochs", type=float, default=0.0,
                     help="train this many epochs instead of --steps: every trainer then sees exactly the same tokens")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch: packed rows (packing) or examples")

@@ -106,6 +106,11 @@ class TrainSection:
     fused_loss: bool = True
     """Output head + cross-entropy only at trained positions, in chunks (less memory and time). It is checked against
     the model's own loss before the first step; `false` trains through the model's own forward instead."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder layer for training (finetune/compiling.py): on a 2-core CPU the quickstart trains
+    ~1.5x faster after a ~40 s first compile (~2 s once cached in ~/.cache/tunesmith/inductor). `auto`: SFT in one
+    CPU process on a model of 30M+ parameters, 20+ steps, without gradient checkpointing or a 4-bit base, with a C++
+    compiler found. `on` also compiles elsewhere (GPUs, several processes: not measured yet)."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that also get every metrics.jsonl row, the resolved config and the loss curve, offline by
     default: `tensorboard` (RUN/tensorboard), `mlflow` (RUN/mlflow.db unless MLFLOW_TRACKING_URI is set), `wandb`
@@ -322,6 +327,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[-1])
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads a bare on / off as a boolean
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{where}: `{key}` must be one of {list(args)}, got {value!r}")
         return value

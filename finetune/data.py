@@ -438,17 +438,24 @@ def pack(examples: Sequence[_T], capacity: int) -> list[list[_T]]:
     return bins
 
 
-def collate(group: list[Example] | list[list[Example]], packed: bool, pad_id: int) -> dict[str, Any]:
+def collate(group: list[Example] | list[list[Example]], packed: bool, pad_id: int, width: int = 0, rows: int = 0,
+            multiple: int = 1) -> dict[str, Any]:
     """Unpacked: right-padded rows with an attention mask. Packed: each row is several examples back to back with
     position_ids restarting per example and no attention_mask, which makes transformers build a block-diagonal
-    causal mask (no attention across examples); rows are padded with a pad-only "example" that nothing attends to."""
+    causal mask (no attention across examples); rows are padded with a pad-only "example" that nothing attends to.
+
+    `width` / `rows` (packed only) / `multiple`: pad to at least that many positions / rows, and the width to a
+    multiple, so a compiled model sees few shapes (compiling.bucket); padding has no targets and changes no loss."""
     import torch
 
     # packed groups are bins (lists of examples), unpacked ones plain examples
-    rows = cast("list[list[Example]]", group) if packed else [[ex] for ex in cast("list[Example]", group)]
-    width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    bins = cast("list[list[Example]]", group) if packed else [[ex] for ex in cast("list[Example]", group)]
+    if packed:
+        bins = bins + [[]] * (rows - len(bins))  # pad-only rows: one pad "example" each
+    width = max(width, *(sum(len(ex.input_ids) for ex in row) for row in bins))
+    width = -(-width // multiple) * multiple
     ids, tgt, pos, mask = [], [], [], []
-    for row in rows:
+    for row in bins:
         n = sum(len(ex.input_ids) for ex in row)
         ids.append([t for ex in row for t in ex.input_ids] + [pad_id] * (width - n))
         tgt.append([t for ex in row for t in ex.targets] + [IGNORE] * (width - n))

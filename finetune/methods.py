@@ -337,7 +337,8 @@ def prepare(s: Any, i: int, step: int, j: int, group: list[list[Any]]) -> Micro:
     over processes before the loss uses it; GRPO's sampled answers and advantages (`grpo.prepare`)."""
     cfg, acc, st = s.cfg, s.accelerator, s.method
     if cfg.method == "sft":
-        return Micro(s.inputs(s.batches[i]), tokens=sum(len(ex.input_ids) for ex in examples_in(s.batches[i])))
+        batch = s.batches[i]
+        return Micro(s.inputs(batch, train=True), tokens=sum(len(ex.input_ids) for ex in examples_in(batch)))
     if cfg.method == "grpo":
         from .grpo import prepare as grpo_prepare
 

@@ -14,13 +14,13 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import methods, tracking  # methods: dpo / orpo / simpo / kto / grpo (data, loss module, metrics, eval)
+from . import compiling, methods, tracking  # methods: dpo, orpo, simpo, kto, grpo
 from .config import Config, ConfigError, save_config
 from .data import (
     DataReport,
@@ -34,7 +34,7 @@ from .data import (
     split_validation,
 )
 from .errors import TrainingError
-from .loss import LossModel, check_loss
+from .loss import LossModel, _causal, check_loss
 from .metrics import resolve_labels
 from .model import base_fingerprint, load_base_model, load_tokenizer, pick_dtype, resolve_base_model
 from .runs import (
@@ -86,10 +86,12 @@ class Setup:
     val_answers: list[str] | None = None
     method: Any = None
     """methods.MethodState for dpo/orpo/simpo/kto/grpo: precomputed reference, rewards, the Generator."""
+    pad: dict[str, int] = field(default_factory=dict)
+    """Extra padding of training batches when the layers are compiled (compiling.bucket): few shapes, few compiles."""
 
-    def inputs(self, batch: list[Any]) -> dict[str, torch.Tensor]:
+    def inputs(self, batch: list[Any], train: bool = False) -> dict[str, torch.Tensor]:
         """A micro-batch as LossModel keyword tensors on this process's device."""
-        t = collate(batch, self.cfg.data.packing, self.tokenizer.pad_token_id)
+        t = collate(batch, self.cfg.data.packing, self.tokenizer.pad_token_id, **(self.pad if train else {}))
         return {k: v.to(self.accelerator.device) for k, v in t.items()}
 
 
@@ -198,6 +200,15 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     name = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
+    n_params = sum(p.numel() for p in model.parameters())
+    if (why := compiling.why_not(cfg, acc.device, acc.num_processes, n_params, total)) is None:
+        n = compiling.compile_layers(_causal(model), cfg.data.max_length)
+        pad = compiling.bucket(cfg.data.packing, cfg.data.max_length, t.micro_batch_size) if cfg.method == "sft" else {}
+        acc.print(f"train.compile={t.compile}: {n} decoder layers compiled by torch.compile; the first step compiles "
+                  f"them (about a minute on 2 CPU cores, seconds once cached), then steps run faster")
+    else:
+        pad = {}
+        acc.print(why)
     module = (LossModel(model, t.loss_chunk_size, autocast_dtype=low, fused=t.fused_loss) if cfg.method == "sft"
               else methods.PreferenceModel(model, t.loss_chunk_size, low, t.fused_loss, cfg))
     loss_model, opt = acc.prepare(module, opt)
@@ -205,14 +216,15 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
     scaler = torch.amp.GradScaler(acc.device.type) if dtype == torch.float16 else None
     s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler, labels,
-              val_prompts, val_answers)
+              val_prompts, val_answers, pad=pad)
     # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
     if t.fused_loss or cfg.method != "sft":  # preference methods: also the shared prompt (data.share_prompt)
         rtol = 1e-4 if dtype == torch.float32 else 2e-2
-        if cfg.method == "sft":
-            check_loss(loss_model, s.inputs(batches[plan[0][0]][:1]), cfg.base_model, rtol=rtol)
-        else:
-            methods.check_logps(s, rtol)
+        with compiling.eager():
+            if cfg.method == "sft":
+                check_loss(loss_model, s.inputs(batches[plan[0][0]][:1]), cfg.base_model, rtol=rtol)
+            else:
+                methods.check_logps(s, rtol)
         if hasattr(loss_model, "reshard"):  # FSDP2 leaves the root's parameters gathered after a forward
             loss_model.reshard()
     if cfg.method != "sft":  # rewards and Generator (GRPO), precomputed reference log-probs (precompute_ref)
@@ -367,7 +379,13 @@ def _loop(s: Setup, resume: bool, stop_requested: Callable[[], bool], on_eval: O
 
 def evaluate(s: Setup) -> dict[str, float]:
     """Validation loss and, when the answers are labels, accuracy of the best-scoring label (`eval_accuracy`).
-    Other methods: `methods.evaluate` (their loss, `eval_preference_accuracy`, GRPO's `eval_reward_mean`)."""
+    Other methods: `methods.evaluate` (their loss, `eval_preference_accuracy`, GRPO's `eval_reward_mean`).
+    Compiled layers run uncompiled here: no inference graphs to compile per shape."""
+    with compiling.eager():
+        return _evaluate(s)
+
+
+def _evaluate(s: Setup) -> dict[str, float]:
     if s.cfg.method != "sft":
         return methods.evaluate(s)
     res = {"eval_loss": evaluate_loss(s)}

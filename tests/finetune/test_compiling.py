@@ -1,0 +1,96 @@
+"""train.compile: compiled decoder layers train to the losses of eager layers, the padding that keeps compiled shapes
+few changes no loss, and `auto` compiles only where it pays (not the tiny models of the other tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.finetune import compiling
+from tunesmith.finetune.config import load_config
+from tunesmith.finetune.data import collate
+from tunesmith.finetune.trainer import setup, train
+
+ROOT = Path(__file__).parents[2]
+DATA = str(ROOT / "tests" / "fixtures" / "messages.jsonl")
+
+
+def _cfg(model_dir, out, *extra):
+    return load_config(None, [
+        f"base_model={model_dir}", f"output_dir={out}", f"data.train=[{DATA}, {ROOT}/tests/fixtures/alpaca.json]",
+        "data.val_set_size=0.2", "data.max_length=64", "train.lr=1e-2", "train.max_steps=4",
+        "train.micro_batch_size=2", "train.warmup_steps=0", "train.eval_every=2", "train.save_every=0", "lora.r=4",
+        "lora.dropout=0", "seed=0", *extra])
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("precision", "packing", "rtol"), [("fp32", "true", 1e-4), ("bf16", "false", 2e-2)])
+def test_compiled_layers_train_like_eager(tiny_model_dir, tmp_path, precision, packing, rtol):
+    """Same losses step by step and the same eval loss (fp32: to 1e-4; bf16: within its rounding), packed rows (one
+    padded shape) and unpacked ones (widths padded to a multiple of 64, then dynamic shapes)."""
+    if compiling.compiler() is None:
+        pytest.skip("no C++ compiler for inductor's CPU backend")
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        train(_cfg(tiny_model_dir, out, f"train.compile={mode}", f"train.precision={precision}",
+                   f"data.packing={packing}"))
+        runs[mode] = _rows(out)
+    eager, compiled = runs["off"], runs["on"]
+    for key in ("loss", "eval_loss"):
+        ours, theirs = ([r[key] for r in rows if key in r] for rows in (compiled, eager))
+        assert len(ours) == len(theirs) > 1
+        assert ours == pytest.approx(theirs, rel=rtol), key
+
+
+def test_compile_on_wraps_each_decoder_layer_and_keeps_state_dict_names(tiny_model_dir, tmp_path):
+    s = setup(_cfg(tiny_model_dir, tmp_path / "r", "train.compile=on"))
+    causal = s.model.get_base_model()
+    layers = [m for m in causal.modules() if type(m).__name__ in causal._no_split_modules]
+    assert layers and all(m._compiled_call_impl is not None for m in layers)
+    assert causal.config._attn_implementation == "eager"  # max_length 64 <= EAGER_ATTENTION_MAX_LENGTH
+    assert not any("_orig_mod" in n for n in s.model.state_dict())
+    assert s.pad == {"width": 64, "rows": 2}
+
+
+def test_padding_for_few_shapes_changes_no_loss(tiny_model_dir, tmp_path):
+    s = setup(_cfg(tiny_model_dir, tmp_path / "r", "train.precision=fp32", "train.compile=off"))
+    pad = s.tokenizer.pad_token_id
+    for packed, extra in ((True, {"width": 64, "rows": 5}), (False, {"multiple": 64})):
+        batch = s.batches[0] if packed else [ex for row in s.batches[0] for ex in row]
+        plain, padded = collate(batch, packed, pad), collate(batch, packed, pad, **extra)
+        assert padded["input_ids"].shape[1] == 64
+        if packed:
+            assert padded["input_ids"].shape[0] == 5
+        with torch.no_grad():
+            a, b = (float(s.loss_model(**x)) for x in (plain, padded))
+        assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_auto_compiles_only_where_it_pays(tiny_model_dir, tmp_path):
+    cpu = torch.device("cpu")
+    cfg = _cfg(tiny_model_dir, tmp_path / "r")
+    assert cfg.train.compile == "auto"
+    big, steps = 135_000_000, 100
+    assert (compiling.why_not(cfg, cpu, 1, big, steps) is None) == (compiling.compiler() is not None)
+    for kwargs, reason in (({"n_params": 1_000_000}, "1.0M parameters"), ({"steps": 5}, "5 steps"),
+                           ({"processes": 2}, "2 processes"), ({"device": torch.device("meta")}, "meta device")):
+        args = {"device": cpu, "processes": 1, "n_params": big, "steps": steps, **kwargs}
+        assert reason in (compiling.why_not(cfg, **args) or "")
+    assert "method dpo" in (compiling.why_not(_cfg(tiny_model_dir, tmp_path / "d", "method=dpo"), cpu, 1, big, steps)
+                            or "")
+    assert compiling.why_not(_cfg(tiny_model_dir, tmp_path / "o", "train.compile=on"), cpu, 2, 1, 1) is None
+    assert compiling.why_not(_cfg(tiny_model_dir, tmp_path / "f", "train.compile=off"), cpu, 1, big, steps)
+
+
+def test_yaml_on_off_booleans_read_as_modes(tmp_path):
+    f = tmp_path / "c.yaml"
+    for text, mode in (("off", "off"), ("on", "on"), ("true", "on"), ("auto", "auto")):
+        f.write_text(f"base_model: embedded\ndata:\n  train: [{DATA}]\ntrain:\n  compile: {text}\n")
+        assert load_config(f).train.compile == mode
