@@ -226,6 +226,9 @@ def _check_messages(rec: Record) -> list[dict[str, str]]:
         msgs.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{rec.where}: no assistant turn, so nothing to learn. Add an assistant message.")
+    if msgs[0]["role"] == "assistant":  # chat templates cannot render the empty prompt before it
+        raise DataError(f"{rec.where}: `{key}[0]` is an assistant turn, so it answers no prompt. Put a user (or "
+                        "system) message before it, or give the record as plain `text`.")
     return msgs
 
 
