@@ -30,17 +30,20 @@ def _rows(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(("precision", "packing", "rtol"), [("fp32", "true", 1e-4), ("bf16", "false", 2e-2)])
-def test_compiled_layers_train_like_eager(tiny_model_dir, tmp_path, precision, packing, rtol):
+@pytest.mark.parametrize(("precision", "packing", "rtol", "extra"), [
+    ("fp32", "true", 1e-4, "finetuning_type=lora"), ("bf16", "false", 2e-2, "finetuning_type=lora"),
+    ("fp32", "true", 1e-4, "finetuning_type=full")])
+def test_compiled_layers_train_like_eager(tiny_model_dir, tmp_path, precision, packing, rtol, extra):
     """Same losses step by step and the same eval loss (fp32: to 1e-4; bf16: within its rounding), packed rows (one
-    padded shape) and unpacked ones (widths padded to a multiple of 64, then dynamic shapes)."""
+    padded shape) and unpacked ones (widths padded to a multiple of 64, then dynamic shapes), LoRA and full
+    fine-tuning (weight gradients through the compiled layers)."""
     if compiling.compiler() is None:
         pytest.skip("no C++ compiler for inductor's CPU backend")
     runs = {}
     for mode in ("off", "on"):
         out = tmp_path / mode
         train(_cfg(tiny_model_dir, out, f"train.compile={mode}", f"train.precision={precision}",
-                   f"data.packing={packing}"))
+                   f"data.packing={packing}", extra))
         runs[mode] = _rows(out)
     eager, compiled = runs["off"], runs["on"]
     for key in ("loss", "eval_loss"):
