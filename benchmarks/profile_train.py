@@ -223,7 +223,7 @@ def main() -> None:
             return
         # the variants below change the eager loop; the compiled run above joins them as one more variant
         experiments(_setup(model, tmp / "eager", "bf16", 100, a.batch, "off"),
-                    _setup(model, tmp / "run32", "fp32", 100, a.batch, "off"), a, compiled=s if s.pad else None)
+                    _setup(model, tmp / "run32", "fp32", 100, a.batch, "off"), a, compiled=s if s.compiled else None)
 
 
 def experiments(s, s32, a: argparse.Namespace, compiled=None) -> None:

@@ -59,7 +59,8 @@ def dry_run(cfg: Config, steps: int = 2) -> str:
         f"({'full fine-tuning' if cfg.finetuning_type == 'full' else 'LoRA'})",
         f"data          {'; '.join(s.report.lines())}",
         f"steps         {total_steps} optimizer steps x {t.grad_accum} micro-batches, {len(s.val_batches)} eval batches",
-        f"time          {per_step:.2f} s/step measured -> about {per_step * total_steps / 60:.1f} min for the run",
+        f"time          {per_step:.2f} s/step measured -> about {per_step * total_steps / 60:.1f} min for the run"
+        + (f" (+ the first step's {times[0]:.0f} s, torch.compile)" if s.compiled and len(times) > 1 else ""),
         f"memory (RAM)  peak {peak / 2**30:.2f} GiB (measured, + {adam / 2**20:,.2f} MiB AdamW state)"
         + (f", {avail / 2**30:.1f} GiB available now" if avail else ""),
     ]

@@ -88,6 +88,8 @@ class Setup:
     """methods.MethodState for dpo/orpo/simpo/kto/grpo: precomputed reference, rewards, the Generator."""
     pad: dict[str, int] = field(default_factory=dict)
     """Extra padding of training batches when the layers are compiled (compiling.bucket): few shapes, few compiles."""
+    compiled: bool = False
+    """The decoder layers are compiled (`train.compile`; finetune/compiling.py)."""
 
     def inputs(self, batch: list[Any], train: bool = False) -> dict[str, torch.Tensor]:
         """A micro-batch as LossModel keyword tensors on this process's device."""
@@ -205,7 +207,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         n = compiling.compile_layers(_causal(model), cfg.data.max_length)
         pad = compiling.bucket(cfg.data.packing, cfg.data.max_length, t.micro_batch_size) if cfg.method == "sft" else {}
         acc.print(f"train.compile={t.compile}: {n} decoder layers compiled by torch.compile; the first step compiles "
-                  f"them (about a minute on 2 CPU cores, seconds once cached), then steps run faster")
+                  f"them (~30 s on 2 CPU cores, seconds once cached), then steps run faster")
     else:
         pad = {}
         acc.print(why)
@@ -216,7 +218,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
     scaler = torch.amp.GradScaler(acc.device.type) if dtype == torch.float16 else None
     s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler, labels,
-              val_prompts, val_answers, pad=pad)
+              val_prompts, val_answers, pad=pad, compiled=why is None)
     # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
     if t.fused_loss or cfg.method != "sft":  # preference methods: also the shared prompt (data.share_prompt)
         rtol = 1e-4 if dtype == torch.float32 else 2e-2

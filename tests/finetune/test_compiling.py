@@ -59,7 +59,7 @@ def test_compile_on_wraps_each_decoder_layer_and_keeps_state_dict_names(tiny_mod
     assert layers and all(m._compiled_call_impl is not None for m in layers)
     assert causal.config._attn_implementation == "eager"  # max_length 64 <= EAGER_ATTENTION_MAX_LENGTH
     assert not any("_orig_mod" in n for n in s.model.state_dict())
-    assert s.pad == {"width": 64, "rows": 2}
+    assert s.pad == {"width": 64, "rows": 2} and s.compiled
 
 
 def test_padding_for_few_shapes_changes_no_loss(tiny_model_dir, tmp_path):
