@@ -3,7 +3,7 @@
 Why: on a CPU an eager LoRA step spends about half its time in elementwise ops (RMSNorm, RoPE, SiLU, residual adds,
 LoRA's scaling) that each read and write whole activation tensors, and memory bandwidth, not the matmul units, is
 the limit (benchmarks/profile_train.py). Inductor fuses them into a few C++ loops per layer. Compiling layer by layer
-(not the whole model) traces one layer and reuses the graph for every layer of the same shape: ~40 s on two cores
+(not the whole model) traces one layer and reuses the graph for every layer of the same shape: 20-40 s on two cores
 the first time, ~2 s once the kernels are in `cache_dir()/inductor`.
 
 Three choices keep it exact and fast:
@@ -29,7 +29,7 @@ import torch
 MIN_PARAMS = 30_000_000
 """`auto` compiles models at least this big: below it a step is mostly Python overhead, which compiling keeps."""
 MIN_STEPS = 20
-"""`auto` compiles runs of at least this many steps: a first compile costs ~40 s on two cores."""
+"""`auto` compiles runs of at least this many steps: a first compile costs 20-40 s on two cores."""
 EAGER_ATTENTION_MAX_LENGTH = 512
 """Up to this row width a compiled step uses the `eager` attention kernel; above it the L x L probabilities it keeps
 for backward would cost more memory than SDPA's flash kernel saves time."""

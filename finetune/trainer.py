@@ -203,13 +203,14 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
     n_params = sum(p.numel() for p in model.parameters())
+    pad: dict[str, int] = {}
     if (why := compiling.why_not(cfg, acc.device, acc.num_processes, n_params, total)) is None:
         n = compiling.compile_layers(_causal(model), cfg.data.max_length)
-        pad = compiling.bucket(cfg.data.packing, cfg.data.max_length, t.micro_batch_size) if cfg.method == "sft" else {}
+        if cfg.method == "sft":
+            pad = compiling.bucket(cfg.data.packing, cfg.data.max_length, t.micro_batch_size)
         acc.print(f"train.compile={t.compile}: {n} decoder layers compiled by torch.compile; the first step compiles "
-                  f"them (~30 s on 2 CPU cores, seconds once cached), then steps run faster")
+                  f"them (20-40 s on 2 CPU cores, seconds once cached), then steps run faster")
     else:
-        pad = {}
         acc.print(why)
     module = (LossModel(model, t.loss_chunk_size, autocast_dtype=low, fused=t.fused_loss) if cfg.method == "sft"
               else methods.PreferenceModel(model, t.loss_chunk_size, low, t.fused_loss, cfg))

@@ -4,15 +4,17 @@ few changes no loss, and `auto` compiles only where it pays (not the tiny models
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tunesmith.finetune import compiling
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.data import collate
-from tunesmith.finetune.trainer import setup, train
+from tunesmith.finetune.trainer import fit, setup, train
 
 ROOT = Path(__file__).parents[2]
 DATA = str(ROOT / "tests" / "fixtures" / "messages.jsonl")
@@ -102,12 +104,6 @@ def test_yaml_on_off_booleans_read_as_modes(tmp_path):
 def test_compiled_resume_is_exact(tiny_model_dir, tmp_path):
     """6 compiled steps straight == the step-3 checkpoint resumed to 6, with LoRA dropout (inductor's own random
     numbers, seeded from torch's generator, which the checkpoint restores): losses and final weights equal."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from tunesmith.finetune.trainer import fit
-
     if compiling.compiler() is None:
         pytest.skip("no C++ compiler for inductor's CPU backend")
     extra = ("train.compile=on", "train.precision=fp32", "train.max_steps=6", "train.save_every=3",
