@@ -6,7 +6,9 @@
     python benchmarks/chat_bench.py --run runs/quickstart  # a fine-tuned run: its LoRA adapter live
 
 Engines (`--only` names): `tunesmith` (`Generator.stream` / `.batch`, exact weights), `tunesmith-int8` (the same
-with `decode_weights="int8"`, a second load: int8 swaps the model's linear layers in place), `transformers` (the
+with `decode_weights="int8"`, a second load: int8 swaps the model's linear layers in place), `tunesmith-compiled`
+(int8 and `compile_decode=True`: single streams decode through a compiled step; its load time, compile included, is
+printed), `transformers` (the
 baseline: a plain `from_pretrained` model, `generate` + `TextIteratorStreamer` in a thread, and `pipeline(...,
 batch_size=N)`), `llama.cpp` (raw xllamacpp on the embedded Q4_1 GGUF of the same model; with `--tiny`, the tiny model
 exported to f16: one slot for the single stream, N slots for the N concurrent requests). One model is in memory at a
@@ -52,7 +54,7 @@ PROMPTS = [
     "Write a SQL query that finds the five customers with the most orders.",
     "List five tips for staying focused while working from home.",
 ]
-ENGINES = ("tunesmith", "tunesmith-int8", "transformers", "llama.cpp")
+ENGINES = ("tunesmith", "tunesmith-int8", "tunesmith-compiled", "transformers", "llama.cpp")
 
 Stream = Callable[[str, int], tuple[float, float, str]]
 """(prompt, max_new_tokens) -> (seconds to the first text, seconds after it, generated text)."""
@@ -79,10 +81,15 @@ def _timed_stream(start: Callable[[Callable[[str], None]], None]) -> tuple[float
     return (first or end) - t0, end - (first or end), "".join(parts)
 
 
-def _tunesmith(source: str, weights: str) -> tuple[Stream, Batch]:
+def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[str] | None = None
+               ) -> tuple[Stream, Batch]:
     from tunesmith.finetune import GenerationParams, load_generator
 
-    gen = load_generator(source, decode_weights=weights)
+    t0 = time.perf_counter()
+    gen = load_generator(source, decode_weights=weights, compile_decode=compiled)
+    if compiled and notes is not None:
+        notes.append(f"tunesmith-compiled: load + compile {time.perf_counter() - t0:.1f} s"
+                     + ("" if gen.compiled_decode else f"; NOT compiled: {gen.why_no_compile}"))
 
     def params(n: int) -> Any:
         return GenerationParams(max_new_tokens=n, temperature=0)
@@ -297,6 +304,8 @@ def main() -> None:
             "tunesmith": ("Generator.stream", "Generator.batch", "", lambda: _tunesmith(ours, "exact")),
             "tunesmith-int8": ('stream, decode_weights="int8"', 'batch, decode_weights="int8"', "",
                                lambda: _tunesmith(ours, "int8")),
+            "tunesmith-compiled": ('stream, int8, compile_decode=True', "batch (eager), int8", "",
+                                   lambda: _tunesmith(ours, "int8", compiled=True, notes=notes)),
             "transformers": ("generate + TextIteratorStreamer" + (" (peft)" if a.run else ""),
                              f"pipeline, batch_size {a.concurrency}", "",
                              lambda: _transformers(source, tok, dtype, device, a.run)),

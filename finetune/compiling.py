@@ -63,12 +63,17 @@ def compiler() -> str | None:
     return None
 
 
-def compile_layers(causal: Any, max_length: int) -> int:
-    """Compile every decoder layer of `causal` in place (`module.compile`, so state-dict names do not change).
-    Returns how many were compiled."""
+def use_cache_dir() -> None:
+    """Inductor's kernels go to `cache_dir()/inductor` (kept across runs) unless TORCHINDUCTOR_CACHE_DIR says else."""
     from .model import cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def compile_layers(causal: Any, max_length: int) -> int:
+    """Compile every decoder layer of `causal` in place (`module.compile`, so state-dict names do not change).
+    Returns how many were compiled."""
+    use_cache_dir()
     if max_length <= EAGER_ATTENTION_MAX_LENGTH and causal.config._attn_implementation == "sdpa":
         causal.set_attn_implementation("eager")
     kinds = set(getattr(causal, "_no_split_modules", None) or [])

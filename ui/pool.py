@@ -46,12 +46,14 @@ class ModelPool:
     """
 
     def __init__(self, runs_dir: str | Path = "runs", default: str = "embedded", max_loaded: int = 2,
-                 engine: str = "transformers", decode_weights: str = "exact") -> None:
+                 engine: str = "transformers", decode_weights: str = "exact", compile_decode: bool = False) -> None:
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.engine = engine
         """`transformers` or `llama.cpp` (finetune's load_generator): every model of this pool is served by it."""
         self.decode_weights = decode_weights
         """transformers engine: "exact", "int8" or "auto" (int8 on a CPU), see finetune's `Generator`."""
+        self.compile_decode = compile_decode
+        """transformers engine: single streams decode through a compiled step (compiled when a model loads)."""
         self.max_loaded = max(1, max_loaded)
         self.extra: dict[str, str] = {}
         """name -> source for models named on the command line (trusted: the operator typed them)."""
@@ -143,7 +145,8 @@ class ModelPool:
     def _load(self, choice: ModelChoice) -> Generator:
         """load_generator, with what goes wrong while loading said in words the user can act on."""
         try:
-            kw = {"decode_weights": self.decode_weights} if self.engine == "transformers" else {"engine": self.engine}
+            kw = ({"decode_weights": self.decode_weights, "compile_decode": self.compile_decode}
+                  if self.engine == "transformers" else {"engine": self.engine})
             return load_generator(choice.source, **kw)
         except (ModelLoadError, OSError, ValueError) as e:  # HFValidationError: a folder gone mid-load reads as a hub id
             if self._vanished_run(choice):

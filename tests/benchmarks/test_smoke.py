@@ -42,7 +42,7 @@ def test_chat_bench_tiny_prints_every_engine_in_both_tables():
     out = _run("chat_bench.py")
     head, _, batched = out.partition("\nBatched: 16 concurrent requests")
     assert "torch.get_num_threads()=" in head and "dtype=" in head and " UTC" in head and "machine: " in head
-    engines = ["tunesmith", "tunesmith-int8", "transformers"]
+    engines = ["tunesmith", "tunesmith-int8", "tunesmith-compiled", "transformers"]
     if importlib.util.find_spec("xllamacpp"):
         engines.append("llama.cpp")  # the tiny model exported to a tiny f16 GGUF
     else:

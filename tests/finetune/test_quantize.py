@@ -21,6 +21,7 @@ def test_int8_linear_reads_int8_only_for_few_rows_inside_generation(dtype: torch
     lin = torch.nn.Linear(64, 48, bias=True).to(dtype)
     q = Int8DecodeLinear(lin)
     assert q.weight is lin.weight and q.bias is lin.bias  # tied weights stay tied
+    assert q.qscale.dtype == torch.bfloat16  # fp32 models too: the kernel's fp32 path is slow (quantize.py)
     dequant = q.qweight.float() * q.qscale.float()[:, None]
     assert ((dequant - lin.weight.float()).abs() <= q.qscale.float()[:, None] * 0.51).all()  # round to nearest
     few, many = torch.randn(1, INT8_MAX_ROWS, 64, dtype=dtype), torch.randn(2, INT8_MAX_ROWS, 64, dtype=dtype)

@@ -1,0 +1,57 @@
+"""Compiled single-stream decode: the same answers as eager decoding, and never silently the wrong adapter state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.finetune import fastdecode
+from tunesmith.finetune.generate import GenerationParams, Generator, load_generator
+
+PROMPT = [{"role": "user", "content": "hello there, how are you?"}]
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_run_dir: Path) -> Generator:
+    return load_generator(tiny_run_dir, dtype=torch.float32, compile_decode=True)
+
+
+def test_cache_length_rounds_up_to_few_shapes() -> None:
+    assert [fastdecode.cache_length(n, None) for n in (1, 256, 257, 600)] == [256, 256, 512, 1024]
+    assert fastdecode.cache_length(600, 700) == 700  # never past the context
+    assert fastdecode.cache_length(300, 8192) == 512
+
+
+def test_compiled_decode_answers_as_eager(compiled: Generator, tiny_gen: Generator) -> None:
+    assert compiled.compiled_decode and compiled.why_no_compile is None
+    assert hasattr(compiled.model.get_base_model(), "_compiled_call")  # transformers' compiled forward was used
+    want = tiny_gen.generate(PROMPT, GREEDY)
+    got = compiled.generate(PROMPT, GREEDY)
+    assert got.completion_tokens == want.completion_tokens > 1 and got.text == want.text
+    assert "".join(c.text for c in compiled.stream(PROMPT, GREEDY)) == want.text
+    sampled = GenerationParams(max_new_tokens=12, temperature=0.8, seed=3)
+    assert compiled.generate(PROMPT, sampled).text == tiny_gen.generate(PROMPT, sampled).text
+    # batches run eager, and are unchanged
+    assert [c.text for c in compiled.batch([PROMPT, "hi"], GREEDY)] == [c.text for c in tiny_gen.batch([PROMPT, "hi"],
+                                                                                                        GREEDY)]
+
+
+def test_adapter_switched_off_is_never_decoded_with_the_adapter(compiled: Generator, tiny_gen: Generator) -> None:
+    """The guards dropped for speed are identities and tensor metadata; an adapter switched off (a value guard)
+    must recompile, not reuse the graph traced with the adapter on."""
+    base = GenerationParams(max_new_tokens=24, temperature=0, use_adapter=False)
+    want = tiny_gen.generate(PROMPT, base).text
+    assert want != tiny_gen.generate(PROMPT, GREEDY).text  # the adapter changes this answer
+    assert compiled.generate(PROMPT, base).text == want  # use_adapter=False: the eager path
+    with compiled.model.disable_adapter():  # switched off behind the Generator's back: the compiled path
+        assert compiled.generate(PROMPT, GREEDY).text == want
+
+
+def test_no_compiler_decodes_eager_and_says_why(tiny_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tunesmith.finetune.compiling.compiler", lambda: None)
+    gen = load_generator(tiny_run_dir, dtype=torch.float32, compile_decode=True)
+    assert not gen.compiled_decode and gen.why_no_compile is not None and "C++ compiler" in gen.why_no_compile
+    assert gen.generate(PROMPT, GREEDY).completion_tokens > 0
