@@ -38,18 +38,28 @@ TRAIN = ROOT / "examples" / "data" / "train.jsonl"
 TEST = ROOT / "examples" / "data" / "test.jsonl"
 
 CONFIGS = {
-    "tunesmith": "tunesmith, packed rows, bf16 base + fp32 LoRA, train.compile=auto (the product default)",
+    "tunesmith": "tunesmith, packed rows, train.precision=auto (bf16 base + fp32 LoRA where the CPU runs bf16 fast, "
+                 "else fp32), train.compile=auto (the product defaults)",
     "tunesmith-eager": "tunesmith with train.compile=off (uncompiled layers)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
     "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
     "tunesmith-nl": "tunesmith, also trained on the \"\\n\" after <|im_end|> as TRL is (same rows, labels only)",
-    "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True",
-    "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), bf16 base + bf16=True",
+    "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True (fp32 where tunesmith's "
+                  "auto picks fp32)",
+    "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), the same precision",
 }
 DEFAULT = ["tunesmith", "tunesmith-eager", "trl-packed", "trl-unpacked"]
 
 
 # -- worker: one training run in this process -------------------------------------------------------------------
+def _auto_dtype() -> str:
+    import torch
+
+    from tunesmith.finetune.model import pick_dtype
+
+    return str(pick_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch.")
+
+
 def _peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -62,7 +72,7 @@ def _peak_rss_mb() -> float:
 def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
     from tunesmith.finetune import load_config, train
 
-    precision = "fp32" if a.worker == "tunesmith-fp32" else "bf16"
+    precision = "fp32" if a.worker == "tunesmith-fp32" else "auto"
     compile_mode = "off" if a.worker == "tunesmith-eager" else "auto"
     if a.worker == "tunesmith-fileorder":  # an experiment, not an option: which examples share a packed row
         import tunesmith.finetune.trainer as trainer
@@ -145,13 +155,16 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
                 counts["first"] = (counts["t1"], counts["tokens"])
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
+    from tunesmith.finetune.model import pick_dtype
+
+    bf16 = pick_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu") == torch.bfloat16  # as tunesmith's
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     packed = a.worker == "trl-packed"
     args = SFTConfig(
         output_dir=str(out), max_steps=-1 if a.epochs else a.steps, num_train_epochs=a.epochs or 1,
         per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, learning_rate=a.lr,
         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", bf16=True, gradient_checkpointing=False, max_length=a.max_length, packing=packed,
+        optim="adamw_torch", bf16=bf16, gradient_checkpointing=False, max_length=a.max_length, packing=packed,
         completion_only_loss=True, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
         data_seed=a.seed,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
@@ -332,7 +345,7 @@ def main() -> None:
           f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, "
           f"{f'{a.epochs:g} epoch(s)' if a.epochs else f'{a.steps} steps'}, seeds {seeds}"
           f"{' (training file permuted per seed)' if a.permute else ''}, speed best of "
-          f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs")
+          f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs, precision auto = {_auto_dtype()}")
     print(table(results, a.baseline if a.baseline in results else configs[0]))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
-MIN_CACHE = 256
-"""The smallest static KV cache (positions): most chat turns fit, and attention over it costs little."""
+MIN_CACHE = 512
+"""The smallest static KV cache (positions), the one compiled at load: a prompt plus the default 256 new tokens
+usually fits, and attention over 512 positions costs ~3 ms a token (SmolLM2-135M). A longer conversation moves to
+1,024, 2,048, ... positions, each compiled once per process when first needed (~20 s with a warm kernel cache)."""
 
 DROP_GUARDS = frozenset({
     "TENSOR_MATCH", "ID_MATCH", "TYPE_MATCH", "CLOSURE_MATCH", "DICT_CONTAINS", "DICT_NOT_CONTAINS", "DICT_LENGTH",

@@ -20,9 +20,9 @@ def compiled(tiny_run_dir: Path) -> Generator:
 
 
 def test_cache_length_rounds_up_to_few_shapes() -> None:
-    assert [fastdecode.cache_length(n, None) for n in (1, 256, 257, 600)] == [256, 256, 512, 1024]
-    assert fastdecode.cache_length(600, 700) == 700  # never past the context
-    assert fastdecode.cache_length(300, 8192) == 512
+    assert [fastdecode.cache_length(n, None) for n in (1, 512, 513, 1100)] == [512, 512, 1024, 2048]
+    assert fastdecode.cache_length(1100, 1200) == 1200  # never past the context
+    assert fastdecode.cache_length(600, 8192) == 1024
 
 
 def test_compiled_decode_answers_as_eager(compiled: Generator, tiny_gen: Generator) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.finetune.generate import GenerationParams, load_generator
-from tunesmith.finetune.quantize import INT8_MAX_ROWS, Int8DecodeLinear, int8_reads, resolve_decode_weights
+from tunesmith.finetune.quantize import Int8DecodeLinear, int8_reads, max_rows, resolve_decode_weights
 
 GREEDY = GenerationParams(max_new_tokens=6, temperature=0)
 
@@ -24,7 +24,8 @@ def test_int8_linear_reads_int8_only_for_few_rows_inside_generation(dtype: torch
     assert q.qscale.dtype == torch.bfloat16  # fp32 models too: the kernel's fp32 path is slow (quantize.py)
     dequant = q.qweight.float() * q.qscale.float()[:, None]
     assert ((dequant - lin.weight.float()).abs() <= q.qscale.float()[:, None] * 0.51).all()  # round to nearest
-    few, many = torch.randn(1, INT8_MAX_ROWS, 64, dtype=dtype), torch.randn(2, INT8_MAX_ROWS, 64, dtype=dtype)
+    rows = max_rows(dtype)  # 16 for fp32, 4 for bf16 (measured crossovers, quantize.py)
+    few, many = torch.randn(1, rows, 64, dtype=dtype), torch.randn(2, rows, 64, dtype=dtype)
     with torch.inference_mode():
         assert torch.equal(q(few), F.linear(few, lin.weight, lin.bias))  # outside generation: exact
         with int8_reads():
