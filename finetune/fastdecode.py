@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 MIN_CACHE = 512
 """The smallest static KV cache (positions), the one compiled at load: a prompt plus the default 256 new tokens
 usually fits, and attention over 512 positions costs ~3 ms a token (SmolLM2-135M). A longer conversation moves to
@@ -53,8 +51,8 @@ def cache_length(needed: int, limit: int | None) -> int:
     return max(needed, min(n, limit)) if limit else n
 
 
-def why_not(model: torch.nn.Module) -> str | None:
-    """Why `model` cannot decode compiled here, or None."""
+def why_not(model: Any) -> str | None:
+    """Why `model` (a causal LM, or its peft wrapper) cannot decode compiled here, or None."""
     from .compiling import compiler
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -68,15 +66,17 @@ def why_not(model: torch.nn.Module) -> str | None:
 class CompiledDecode:
     """What `Generator._run` adds to a single prompt's `generate` call to decode through the compiled step."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         from transformers import CompileConfig
 
         from .compiling import use_cache_dir
 
         use_cache_dir()
         self.model = model
-        self.config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options={"guard_filter_fn": keep_guard})
-        self.config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        # mode=None: CompileConfig's default mode cannot go with options (torch.compile takes one or the other)
+        self.config = CompileConfig(fullgraph=False, dynamic=False, mode=None,  # type: ignore[arg-type]
+                                    options={"guard_filter_fn": keep_guard})
+        self.config._compile_all_devices = True  # type: ignore[assignment]  # transformers compiles on CPUs if told
 
     def kwargs(self, needed: int, limit: int | None) -> dict[str, Any]:
         from transformers import StaticCache
