@@ -17,7 +17,7 @@ run eager, every later step calls the compiled forward. Three choices keep it ch
   single-stream rate eagerly; base-model answers (`use_adapter=False`) run eager.
 
 The first compile takes ~1 min on two cores and ~20 s once inductor's kernels are cached on disk
-(`cache_dir()/inductor`); the Generator pays it at load time (`warm_up`), not on a user's first answer.
+(`cache_dir()/inductor`); the Generator pays it at load time (a 3-token answer), not on a user's first answer.
 """
 
 from __future__ import annotations
