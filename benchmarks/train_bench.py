@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "data" / "train.jsonl"
@@ -52,12 +53,13 @@ DEFAULT = ["tunesmith", "tunesmith-eager", "trl-packed", "trl-unpacked"]
 
 
 # -- worker: one training run in this process -------------------------------------------------------------------
-def _auto_dtype() -> str:
+def _auto_dtype() -> Any:
+    """The dtype tunesmith's `train.precision=auto` picks here; the TRL worker trains in the same one."""
     import torch
 
     from tunesmith.finetune.model import pick_dtype
 
-    return str(pick_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch.")
+    return pick_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _peak_rss_mb() -> float:
@@ -155,9 +157,7 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
                 counts["first"] = (counts["t1"], counts["tokens"])
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    from tunesmith.finetune.model import pick_dtype
-
-    bf16 = pick_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu") == torch.bfloat16  # as tunesmith's
+    bf16 = _auto_dtype() == torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     packed = a.worker == "trl-packed"
     args = SFTConfig(
@@ -345,7 +345,7 @@ def main() -> None:
           f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, "
           f"{f'{a.epochs:g} epoch(s)' if a.epochs else f'{a.steps} steps'}, seeds {seeds}"
           f"{' (training file permuted per seed)' if a.permute else ''}, speed best of "
-          f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs, precision auto = {_auto_dtype()}")
+          f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs, precision auto = {str(_auto_dtype()).removeprefix('torch.')}")
     print(table(results, a.baseline if a.baseline in results else configs[0]))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

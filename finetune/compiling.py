@@ -14,7 +14,8 @@ Three choices keep it exact and fast:
   SDPA's CPU flash-attention backward, whose masked backward alone was a quarter of a compiled step.
 `auto` leaves fp32 runs (CPUs without fast bf16, `model.pick_dtype`) uncompiled: on a 2-core AMD EPYC with AVX2 the
 fp32 step is bound by its matmuls (~50% of the fp32 peak eagerly), and compiled ran at the same 116 tokens/s after a
-72 s first compile. Evaluation, the loss check and anything else without gradients runs uncompiled (`eager`): an inference graph per
+72 s first compile.
+Evaluation, the loss check and anything else without gradients runs uncompiled (`eager`): an inference graph per
 shape would cost more compile time than it saves.
 """
 
