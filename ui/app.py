@@ -153,7 +153,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
         """The generation step: claim the session's turn, stream the reply, release the turn however it ends."""
         turn = turns.claim(request.session_hash)
         if turn is None:  # this chain's Send was refused: the session's running reply owns the turn
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         try:
             params = _params(temperature, top_p, top_k, max_new_tokens, repetition_penalty)
@@ -161,7 +161,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
         except Exception as e:  # not the user's doing: the traceback goes to the log, the chain still ends cleanly
             log.exception("chat: generation failed")
             gr.Warning(f"Generation failed ({type(e).__name__}: {e}). The log has the details.")
-            yield gr.skip(), gr.skip(), f"generation failed: {type(e).__name__}", gr.skip()
+            yield gr.skip(), gr.skip(), f"generation failed: {type(e).__name__}", gr.skip(), gr.skip()
         finally:
             turns.release(request.session_hash, turn)
 
@@ -169,10 +169,11 @@ def build_app(pool: ModelPool, concurrency: int = 4,
               params: GenerationParams) -> Iterator[tuple[Any, ...]]:
         """Stream the reply of one model, or of two side by side, into the chat panes."""
         if not a or a[-1]["role"] != "user":  # an empty Send: nothing to answer
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         if turn.cancel.is_set():  # Stop or Clear while the reply waited for a free slot
-            yield ([], [], "", gr.skip()) if turn.cleared else (a, b, "stopped before it started", gr.skip())
+            yield ([], [], "", gr.skip(), gr.skip()) if turn.cleared else (a, b, "stopped before it started",
+                                                                           gr.skip(), gr.skip())
             return
         compare = model_b != NONE
         panes = [(a, model_a)] + ([(b, model_b)] if compare else [])
@@ -187,7 +188,8 @@ def build_app(pool: ModelPool, concurrency: int = 4,
             message = _pool_message(e)
             log.warning("chat: %s", message)
             gr.Warning(message)
-            yield a[:-1], (b[:-1] if compare and b and b[-1]["role"] == "user" else b), message, _text(a[-1])
+            yield a[:-1], (b[:-1] if compare and b and b[-1]["role"] == "user" else b), message, _text(a[-1]), \
+                gr.skip()
             return
         streams, names = [], []
         for hist, gen, choice in ready:
@@ -209,13 +211,15 @@ def build_app(pool: ModelPool, concurrency: int = 4,
             # every update re-sends and re-renders the whole chat: ~20 a second look smooth and cost little
             if not turn.cleared and (chunk.done or now - shown >= 0.05):
                 shown = now
-                yield a, b, _status(names, done, took), gr.skip()
+                # the finished chat is saved in the same update that says so: a reload right after keeps it
+                finished = all(d is not None for d in done)
+                yield a, b, _status(names, done, took), gr.skip(), (_saved(a, b) if finished else gr.skip())
         if turn.cleared:  # Clear was pressed mid-reply: the last word is an empty chat
-            yield [], [], "", gr.skip()
+            yield [], [], "", gr.skip(), gr.skip()
 
     def finish(a: Messages, b: Messages, request: gr.Request) -> tuple[Any, Any]:
         """The chain's last step: Send works again (unless a newer turn runs), the chat is saved in the browser."""
-        return gr.Button(interactive=not turns.busy(request.session_hash)), {"a": _plain(a), "b": _plain(b)}
+        return gr.Button(interactive=not turns.busy(request.session_hash)), _saved(a, b)
 
     def stop(request: gr.Request) -> None:
         turns.stop(request.session_hash)
@@ -245,7 +249,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
             refuse()
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         a, b, text = truncate(a, b, _index(data.index), keep_user=False)
-        return a, b, text, {"a": _plain(a), "b": _plain(b)}
+        return a, b, text, _saved(a, b)
 
     def edit(data: gr.EditData, a: Messages, b: Messages, request: gr.Request) -> tuple[Messages, Messages]:
         if not turns.arm(request.session_hash):
@@ -338,7 +342,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
 
         # -- wiring --------------------------------------------------------------------------------------------
         gen_inputs = [chat_a, chat_b, model_a, model_b, system, *sampling]
-        gen_outputs = [chat_a, chat_b, status, msg]
+        gen_outputs = [chat_a, chat_b, status, msg, saved]
         gen_kw: dict[str, Any] = dict(concurrency_limit=concurrency, concurrency_id=GENERATE,
                                       show_progress="hidden", api_visibility="private")
         fast: dict[str, Any] = dict(concurrency_limit=None, show_progress="hidden", api_visibility="private")
@@ -414,6 +418,11 @@ def _text(message: dict[str, Any]) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
     return "" if content is None else str(content)
+
+
+def _saved(a: Messages, b: Messages) -> dict[str, Messages]:
+    """Both panes as the browser keeps them across a reload."""
+    return {"a": _plain(a), "b": _plain(b)}
 
 
 def _plain(history: Any) -> Messages:
