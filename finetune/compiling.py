@@ -70,10 +70,17 @@ def compiler() -> str | None:
 
 
 def use_cache_dir() -> None:
-    """Inductor's kernels go to `cache_dir()/inductor` (kept across runs) unless TORCHINDUCTOR_CACHE_DIR says else."""
+    """Inductor's kernels go to `cache_dir()/inductor` (kept across runs) unless TORCHINDUCTOR_CACHE_DIR says else.
+
+    Importing torch._dynamo (transformers does) already writes torch's own default (a folder in /tmp, often
+    emptied at boot) into TORCHINDUCTOR_CACHE_DIR, so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from .model import cache_dir
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 def compile_layers(causal: Any, max_length: int) -> int:

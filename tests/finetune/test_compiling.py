@@ -4,6 +4,7 @@ few changes no loss, and `auto` compiles only where it pays (not the tiny models
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,3 +121,17 @@ def test_compiled_resume_is_exact(tiny_model_dir, tmp_path):
     wa, wb = (load_file(str(out / "adapter" / "adapter_model.safetensors")) for out in (full, part))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+def test_kernels_are_cached_in_tunesmiths_folder_not_torchs_tmp_default(monkeypatch, tmp_path):
+    """Importing torch._dynamo writes torch's /tmp default into TORCHINDUCTOR_CACHE_DIR: that counts as unset, while a
+    folder the user chose is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiling.use_cache_dir()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiling.use_cache_dir()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "mine"
