@@ -13,6 +13,8 @@ run eager, every later step calls the compiled forward. Three choices keep it ch
   ~2 ms a token. Guards on plain attribute values stay, so switching the adapter off recompiles instead of
   silently decoding with it. The Generator's model must not be swapped or re-weighted afterwards (int8 decode
   weights already ask that).
+- A one-token query attends on the grouped key/value heads (`grouped_sdpa`): under torch.compile transformers'
+  SDPA path repeats them instead, copying the whole static cache per layer and token (~2.7 ms a token here).
 - Only one prompt at a time, with the adapter as loaded: batches have their own shapes and already run ~6x the
   single-stream rate eagerly; base-model answers (`use_adapter=False`) run eager.
 
@@ -36,6 +38,27 @@ DROP_GUARDS = frozenset({
 })
 """Guard kinds dropped on the model's modules: identities, tensor metadata and container shapes (they cannot change
 under a Generator). Value guards (CONSTANT_MATCH, EQUALS_MATCH: an adapter switched off, a config flag) stay."""
+
+
+ATTENTION = "tunesmith_sdpa"
+"""The attention the compiled model runs: transformers' SDPA, except `grouped_sdpa` for one-token queries."""
+
+
+def grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kw: Any) -> tuple[Any, None]:
+    """One query token of a model with grouped key/value heads: its query heads are folded onto the key/value heads,
+    as transformers does eagerly (`pack_gqa`), so the cache is read once and never repeated; anything else goes
+    to transformers' own SDPA."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if query.shape[2] != 1 or groups == 1 or per_head_mask or kw.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    b, heads, _, dim = query.shape
+    out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, dim), key, value,
+                                         attn_mask=attention_mask, scale=kw.get("scaling"))
+    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
 def keep_guard(entries: list[Any]) -> list[bool]:
@@ -67,12 +90,18 @@ class CompiledDecode:
     """What `Generator._run` adds to a single prompt's `generate` call to decode through the compiled step."""
 
     def __init__(self, model: Any) -> None:
-        from transformers import CompileConfig
+        from transformers import AttentionInterface, CompileConfig
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         from .compiling import use_cache_dir
 
         use_cache_dir()
         self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if base.config._attn_implementation == "sdpa":
+            AttentionInterface.register(ATTENTION, grouped_sdpa)
+            AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+            base.set_attn_implementation(ATTENTION)
         # mode=None: CompileConfig's default mode cannot go with options (torch.compile takes one or the other)
         self.config = CompileConfig(fullgraph=False, dynamic=False, mode=None,  # type: ignore[arg-type]
                                     options={"guard_filter_fn": keep_guard})

@@ -28,6 +28,7 @@ def test_cache_length_rounds_up_to_few_shapes() -> None:
 def test_compiled_decode_answers_as_eager(compiled: Generator, tiny_gen: Generator) -> None:
     assert compiled.compiled_decode and compiled.why_no_compile is None
     assert hasattr(compiled.model.get_base_model(), "_compiled_call")  # transformers' compiled forward was used
+    assert compiled.model.get_base_model().config._attn_implementation == fastdecode.ATTENTION
     want = tiny_gen.generate(PROMPT, GREEDY)
     got = compiled.generate(PROMPT, GREEDY)
     assert got.completion_tokens == want.completion_tokens > 1 and got.text == want.text
@@ -37,6 +38,24 @@ def test_compiled_decode_answers_as_eager(compiled: Generator, tiny_gen: Generat
     # batches run eager, and are unchanged
     assert [c.text for c in compiled.batch([PROMPT, "hi"], GREEDY)] == [c.text for c in tiny_gen.batch([PROMPT, "hi"],
                                                                                                         GREEDY)]
+
+
+def test_grouped_attention_equals_transformers_sdpa() -> None:
+    """One query token over 2 key/value heads shared by 6 query heads, with a padding mask: the same output as
+    transformers' SDPA (which repeats the key/value heads under torch.compile)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., 25:] = False
+    got, _ = fastdecode.grouped_sdpa(module, q, k, v, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (2, 1, 6, 16)
+    torch.testing.assert_close(got, want)
 
 
 def test_adapter_switched_off_is_never_decoded_with_the_adapter(compiled: Generator, tiny_gen: Generator) -> None:
