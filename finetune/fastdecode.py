@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
+
 MIN_CACHE = 512
 """The smallest static KV cache (positions), the one compiled at load: a prompt plus the default 256 new tokens
 usually fits, and attention over 512 positions costs ~3 ms a token (SmolLM2-135M). A longer conversation moves to
@@ -78,7 +80,7 @@ def why_not(model: Any) -> str | None:
     """Why `model` (a causal LM, or its peft wrapper) cannot decode compiled here, or None."""
     from .compiling import compiler
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _causal(model)
     if not getattr(base, "_can_compile_fullgraph", False):
         return f"{type(base).__name__} does not support a static KV cache in transformers"
     if next(model.parameters()).device.type == "cpu" and compiler() is None:
@@ -97,7 +99,7 @@ class CompiledDecode:
 
         use_cache_dir()
         self.model = model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _causal(model)
         if base.config._attn_implementation == "sdpa":
             AttentionInterface.register(ATTENTION, grouped_sdpa)
             AttentionMaskInterface.register(ATTENTION, sdpa_mask)

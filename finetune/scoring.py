@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
+
 if TYPE_CHECKING:
     from .generate import Prompt
 
@@ -101,5 +103,4 @@ def _cache_kw(model: Any) -> str:
     """`cache` in transformers >= 5.2x, `past_key_values` before (and deprecated after)."""
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(_causal(model).forward).parameters else "past_key_values"
