@@ -226,7 +226,7 @@ def build_app(pool: ModelPool, concurrency: int = 4,
 
     def clear(request: gr.Request) -> tuple[Messages, Messages, str, dict[str, Messages]]:
         turns.stop(request.session_hash, clear=True)
-        return [], [], "", {"a": [], "b": []}
+        return [], [], "", _saved([], [])
 
     def truncate(a: Messages, b: Messages, index: int, keep_user: bool) -> tuple[Messages, Messages, str]:
         """Cut both panes at the user message `index` (or the one before it); return its text too."""
