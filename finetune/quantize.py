@@ -8,10 +8,11 @@ That kernel only wins for a few rows at a time (1 row 3.8x, 4 rows 2.3x, 16 rows
 layer keeps its original weight too: prompts (prefill), batched decode and training read the exact weights; only
 calls of at most `max_rows(dtype)` rows read the int8 copy. That costs half the linear weights' size again in memory.
 
-For an fp32 model (CPUs without fast bf16 get one, see `model.pick_dtype`) the int8 kernel runs on bf16 activations:
-its fp32 path is scalar. Measured on an idle 2-core AMD EPYC with AVX2 only, one pass over the 30 layers' linears
-for one token: fp32 `linear` 56 ms, int8 with fp32 activations 56 ms, int8 with bf16 activations (cast in and out)
-21 ms.
+For an fp32 model (CPUs without fast bf16 get one, see `model.pick_dtype`) torch's kernel is slow: its fp32 path is
+scalar, its bf16 one compute-bound. There the int8 weights are read by tunesmith's own AVX2 kernel
+(finetune/int8cpu.py, fp32 activations, built once per machine), or, where it cannot be built, by torch's kernel on
+bf16 activations. Measured on an idle 2-core AMD EPYC with AVX2 only, one token's pass over SmolLM2-135M's int8
+linears: torch's kernel on bf16 activations 14.6 ms, tunesmith's 6-7 ms.
 
 Int8 changes answers a little (round-to-nearest per output channel: a relative error of ~0.4% per weight), so it
 is a serving choice, never a default of the Python API: `load_generator(..., decode_weights="int8")`, and
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import int8cpu
 
 INT8_MAX_ROWS = 4
 """Rows (tokens in the call, summed over the batch) up to which the int8 kernel beats bf16 `linear` (measured)."""
@@ -51,20 +54,25 @@ def int8_reads() -> Iterator[None]:
         _local.on = before
 
 
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype the int8 kernel runs in for a model of `dtype`: its own, except fp32 -> bf16 (the
-    kernel's fp32 path is no faster than fp32 `linear`; its bf16 one is 2.7x faster, module docstring)."""
-    return torch.bfloat16 if dtype == torch.float32 else dtype
+def kernel_dtype(dtype: torch.dtype, shape: torch.Size) -> torch.dtype:
+    """The activation dtype the int8 kernel runs in for a [N, K] weight of a model of `dtype`: its own, except fp32
+    without tunesmith's AVX2 kernel (or an odd shape, `int8cpu.fits`) -> bf16 (torch's fp32 path is no faster than
+    fp32 `linear`, module docstring)."""
+    if dtype != torch.float32:
+        return dtype
+    return torch.float32 if int8cpu.fits(shape) and int8cpu.available() else torch.bfloat16
 
 
 def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8 weight and per-output-channel scale, as `_weight_int8pack_mm` reads them. The scale is rounded to the
-    kernel's dtype first (`kernel_dtype(dtype)`; bf16 keeps 8 bits), so every weight lands within half a step of
-    its int8 value."""
-    dtype = kernel_dtype(dtype)
+    """Int8 weight and per-output-channel scale for the kernel a model of `dtype` decodes with: [N, K] as
+    `_weight_int8pack_mm` reads it, or `int8cpu.pack`ed (4-D) for tunesmith's fp32 kernel. The scale is rounded to
+    the kernel's dtype first (`kernel_dtype`; bf16 keeps 8 bits), so every weight lands within half a step of its
+    int8 value."""
+    dtype = kernel_dtype(dtype, w.shape)
     w = w.detach().float()
     scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)
-    return torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), scale
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return (int8cpu.pack(q) if dtype == torch.float32 else q), scale
 
 
 def max_rows(dtype: torch.dtype) -> int:
@@ -73,14 +81,22 @@ def max_rows(dtype: torch.dtype) -> int:
 
 
 def _reads_int8(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """A call of a few rows, inside generation, no grad, in the dtype the copy was made for (a model cast after
+    quantizing reads its exact weights)."""
+    fits = scale.dtype == x.dtype or (x.dtype == torch.float32 and scale.dtype == torch.bfloat16)
     return (x.numel() // x.shape[-1] <= max_rows(x.dtype) and getattr(_local, "on", False)
-            and not torch.is_grad_enabled() and kernel_dtype(x.dtype) == scale.dtype)
+            and not torch.is_grad_enabled() and fits)
 
 
 def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear` on the int8 weight; activations cast to the kernel's dtype and back (a no-op unless fp32)."""
-    flat = x.reshape(-1, x.shape[-1]).to(scale.dtype)
-    y = torch.ops.aten._weight_int8pack_mm(flat, q, scale).to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    """`linear` on the int8 weight: a packed (4-D) one through tunesmith's fp32 kernel, else torch's kernel with
+    activations cast to its dtype and back (a no-op unless fp32)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if q.dim() == 4:
+        y = int8cpu.int8_linear(flat.contiguous(), q, scale)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(flat.to(scale.dtype), q, scale).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], scale.shape[0])
     return y if bias is None else y + bias
 
 

@@ -19,10 +19,10 @@ def compiled(tiny_run_dir: Path) -> Generator:
     return load_generator(tiny_run_dir, dtype=torch.float32, compile_decode=True)
 
 
-def test_cache_length_rounds_up_to_few_shapes() -> None:
-    assert [fastdecode.cache_length(n, None) for n in (1, 512, 513, 1100)] == [512, 512, 1024, 2048]
-    assert fastdecode.cache_length(1100, 1200) == 1200  # never past the context
-    assert fastdecode.cache_length(600, 8192) == 1024
+def test_cache_length_fits_the_answer() -> None:
+    assert [fastdecode.cache_length(n, None) for n in (1, 64, 65, 1100)] == [64, 64, 128, 1152]
+    assert fastdecode.cache_length(1100, 1120) == 1120  # never past the context
+    assert fastdecode.cache_length(600, 8192) == 640
 
 
 def test_compiled_decode_answers_as_eager(compiled: Generator, tiny_gen: Generator) -> None:
@@ -56,6 +56,17 @@ def test_grouped_attention_equals_transformers_sdpa() -> None:
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     assert got.shape == want.shape == (2, 1, 6, 16)
     torch.testing.assert_close(got, want)
+
+
+def test_one_compiled_step_serves_every_cache_length(compiled: Generator, tiny_gen: Generator) -> None:
+    """After load (two warm-up answers) no answer length recompiles: the second graph's cache length is symbolic."""
+    from torch._dynamo.utils import counters
+
+    before = dict(counters["stats"])
+    for n in (5, 70, 150):  # caches of 64, 128 and 192 positions
+        p = GenerationParams(max_new_tokens=n, temperature=0)
+        assert compiled.generate(PROMPT, p).text == tiny_gen.generate(PROMPT, p).text
+    assert counters["stats"]["unique_graphs"] == before.get("unique_graphs", 0)
 
 
 def test_adapter_switched_off_is_never_decoded_with_the_adapter(compiled: Generator, tiny_gen: Generator) -> None:

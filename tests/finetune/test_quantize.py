@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tunesmith.finetune import int8cpu
 from tunesmith.finetune.generate import GenerationParams, load_generator
-from tunesmith.finetune.quantize import Int8DecodeLinear, int8_reads, max_rows, resolve_decode_weights
+from tunesmith.finetune.quantize import Int8DecodeLinear, int8_reads, kernel_dtype, max_rows, resolve_decode_weights
 
 GREEDY = GenerationParams(max_new_tokens=6, temperature=0)
 
@@ -21,8 +22,9 @@ def test_int8_linear_reads_int8_only_for_few_rows_inside_generation(dtype: torch
     lin = torch.nn.Linear(64, 48, bias=True).to(dtype)
     q = Int8DecodeLinear(lin)
     assert q.weight is lin.weight and q.bias is lin.bias  # tied weights stay tied
-    assert q.qscale.dtype == torch.bfloat16  # fp32 models too: the kernel's fp32 path is slow (quantize.py)
-    dequant = q.qweight.float() * q.qscale.float()[:, None]
+    assert q.qscale.dtype == kernel_dtype(dtype, lin.weight.shape)
+    qw = int8cpu.unpack(q.qweight) if q.qweight.dim() == 4 else q.qweight  # packed for tunesmith's fp32 kernel
+    dequant = qw.float() * q.qscale.float()[:, None]
     assert ((dequant - lin.weight.float()).abs() <= q.qscale.float()[:, None] * 0.51).all()  # round to nearest
     rows = max_rows(dtype)  # 16 for fp32, 4 for bf16 (measured crossovers, quantize.py)
     few, many = torch.randn(1, rows, 64, dtype=dtype), torch.randn(2, rows, 64, dtype=dtype)
@@ -36,6 +38,36 @@ def test_int8_linear_reads_int8_only_for_few_rows_inside_generation(dtype: torch
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     with int8_reads():  # a training step (grad on) never reads int8
         assert torch.equal(q(few), F.linear(few, lin.weight, lin.bias))
+
+
+needs_kernel = pytest.mark.skipif(not int8cpu.available(), reason=f"no int8 kernel here: {int8cpu.why_not()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("n,k", [(4, 8), (12, 24), (52, 576), (1536, 576)])
+def test_int8_kernel_matches_the_dequantized_matmul(rows: int, n: int, k: int) -> None:
+    """Every path of the AVX2 kernel (one row; blocks of 3/2/1 rows; K with and without a 16-wide tail) against
+    fp64 on the same int8 weights, and `pack`/`unpack` round-trip."""
+    g = torch.Generator().manual_seed(n * 1000 + k + rows)
+    x = torch.randn(rows, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) + 0.01
+    packed = int8cpu.pack(q)
+    assert torch.equal(int8cpu.unpack(packed), q)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    got = int8cpu.int8_linear(x, packed, scale)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * (float(want.abs().max()) if rows else 1.0))
+
+
+@needs_kernel
+def test_int8_kernel_runs_inside_torch_compile() -> None:
+    """The compiled decode step calls the kernel as an opaque op (its fake kernel gives inductor the shape)."""
+    q = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    packed, scale, x = int8cpu.pack(q), torch.rand(8), torch.randn(2, 16)
+    f = torch.compile(lambda x: int8cpu.int8_linear(x * 2, packed, scale) + 1, fullgraph=True)
+    torch.testing.assert_close(f(x), int8cpu.int8_linear(x * 2, packed, scale) + 1)
 
 
 def test_int8_run_decodes_close_to_exact_and_keeps_base_and_scoring_exact(tiny_run_dir: Path) -> None:
