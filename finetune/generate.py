@@ -232,8 +232,8 @@ class Generator:
 
         `compile_decode`: single prompts decode through a compiled step over a static KV cache (finetune/
         fastdecode.py; ~1.8x the tokens/s of int8 eager decoding on a CPU); compiled here, before the first answer
-        (~20 s with a warm kernel cache, ~1.5 min the first time). `compiled_decode` then says whether it is on, `why_no_compile` why
-        not (a model transformers cannot compile, no C++ compiler).
+        (~20 s with a warm kernel cache, ~1.5 min the first time). `compiled_decode` then says whether it is on,
+        `why_no_compile` why not (a model transformers cannot compile, no C++ compiler).
 
         `own_threads`: each model call runs on a thread of its own that ends with it (`sharing.on_own_thread`:
         a long-lived thread's OpenMP team slows every other thread's generation). False runs calls on the
