@@ -6,7 +6,7 @@ EPYC (AVX2 only, ~33 GB/s read), it reads SmolLM2-135M's int8 weights at 6-10 GB
 compiled decode step. This kernel converts eight int8 weights to fp32 per instruction and keeps four output rows'
 sums in flight, so it runs at memory speed, and it reads fp32 activations as they are (no bf16 rounding).
 
-How: ~80 lines of C++ against torch's own headers, compiled once per machine with the C++ compiler torch.compile
+How: ~100 lines of C++ against torch's own headers, compiled once per machine with the C++ compiler torch.compile
 uses (~7 s) into `cache_dir()/kernels` and loaded with `torch.ops.load_library`; it splits output rows over torch's
 own thread pool (`at::parallel_for`). Anything other than an x86-64 CPU with AVX2 and FMA, or no compiler, keeps
 torch's kernel (`available()` is False and `why_not()` says why).
