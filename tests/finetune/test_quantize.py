@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import threading
 from pathlib import Path
 
@@ -68,6 +69,25 @@ def test_int8_kernel_runs_inside_torch_compile() -> None:
     packed, scale, x = int8cpu.pack(q), torch.rand(8), torch.randn(2, 16)
     f = torch.compile(lambda x: int8cpu.int8_linear(x * 2, packed, scale) + 1, fullgraph=True)
     torch.testing.assert_close(f(x), int8cpu.int8_linear(x * 2, packed, scale) + 1)
+
+
+def test_without_the_kernel_fp32_decodes_through_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler (or no AVX2): the kernel is not built, and an fp32 layer reads int8 through torch's kernel on
+    bf16 activations, as before the kernel existed."""
+    monkeypatch.setattr("tunesmith.finetune.compiling.compiler", lambda: None)
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert "no C++ compiler" in (int8cpu._build() or "")
+    monkeypatch.setattr(int8cpu, "available", lambda: False)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8DecodeLinear(lin)
+    assert q.qweight.shape == (48, 64) and q.qscale.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 64)
+    with torch.inference_mode(), int8_reads():
+        got = q(x)
+    want = F.linear(x, q.qweight.float() * q.qscale.float()[:, None], lin.bias)
+    assert not torch.equal(got, F.linear(x, lin.weight, lin.bias))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_int8_run_decodes_close_to_exact_and_keeps_base_and_scoring_exact(tiny_run_dir: Path) -> None:
