@@ -6,7 +6,9 @@ EPYC (AVX2 only, ~33 GB/s read), it reads SmolLM2-135M's int8 weights at 6-10 GB
 compiled decode step. This kernel converts eight int8 weights to fp32 per instruction, keeps four output rows'
 sums (two each) in flight over a packed weight that is one sequential read (`pack`), and takes fp32 activations as
 they are (no bf16 rounding): 15-20 GB/s on large matrices, 1.4-2.3x torch's kernel on SmolLM2's shapes (measured,
-benchmarks/README.md); a profiled compiled decode step's int8 reads went from 16 ms a token to 5.5-8.2.
+benchmarks/README.md); a profiled compiled decode step's int8 reads went from 16 ms a token to 5.5-8.2. For 2-16
+rows (batched decode) each widened weight vector feeds up to three rows: ~78% of the fp32 matmul peak at 16 rows,
+1.5-2.2x torch's kernel (`benchmarks/int8_kernel.py`).
 
 How: ~100 lines of C++ against torch's own headers, compiled once per machine with the C++ compiler torch.compile
 uses (~10-15 s on two cores) into `cache_dir()/kernels` and loaded with `torch.ops.load_library`; it splits output
@@ -32,7 +34,6 @@ SOURCE = r"""
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <immintrin.h>
-#include <vector>
 
 namespace {
 
@@ -66,10 +67,11 @@ inline void block1(const float* x, const int8_t* w, const float* scale, float* o
   for (int r = 0; r < 4; ++r) out[r] = hsum(_mm256_add_ps(a[r], b[r])) * scale[r];
 }
 
-// Several activation rows: the block is widened to fp32 once (into `buf`, L1), then read for T rows at a time,
-// so each weight load feeds T multiply-adds and 4 * T sums are in flight.
+// Several activation rows (batched decode): each widened weight vector feeds T multiply-adds, 4 * T sums in flight.
+// Widening on the fly, as for one row, beat widening a block once into an L1 buffer and reading that for each
+// row (measured, 16 rows: 121 -> 135 GFLOP/s; 2 rows: 46 -> 90): the conversions run beside the multiply-adds.
 template <int T>
-inline void rowsm(const float* x, const float* buf, const float* scale, float* out, int64_t N, int64_t K) {
+inline void rows(const float* x, const int8_t* w, const float* scale, float* out, int64_t N, int64_t K) {
   __m256 a[T][4];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < 4; ++r) a[t][r] = _mm256_setzero_ps();
@@ -77,7 +79,7 @@ inline void rowsm(const float* x, const float* buf, const float* scale, float* o
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k);
     for (int r = 0; r < 4; ++r) {
-      const __m256 wv = _mm256_loadu_ps(buf + 4 * k + 8 * r);
+      const __m256 wv = widen(w + 4 * k + 8 * r);
       for (int t = 0; t < T; ++t) a[t][r] = _mm256_fmadd_ps(xv[t], wv, a[t][r]);
     }
   }
@@ -85,13 +87,13 @@ inline void rowsm(const float* x, const float* buf, const float* scale, float* o
     for (int r = 0; r < 4; ++r) out[t * N + r] = hsum(a[t][r]) * scale[r];
 }
 
+// Rows in threes, the rest in twos (M >= 2): a lone row's loop kept its sums on the stack (4 rows ran as slowly as 8).
 inline void blockm(const float* x, const int8_t* w, const float* scale, float* out, int64_t M, int64_t N,
-                   int64_t K, float* buf) {
-  for (int64_t i = 0; i < 4 * K; i += 8) _mm256_storeu_ps(buf + i, widen(w + i));
+                   int64_t K) {
+  const int64_t twos = M % 3 == 0 ? 0 : M % 3 == 2 ? 1 : 2;
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) rowsm<3>(x + m * K, buf, scale, out + m * N, N, K);
-  if (M - m == 2) rowsm<2>(x + m * K, buf, scale, out + m * N, N, K);
-  if (M - m == 1) rowsm<1>(x + m * K, buf, scale, out + m * N, N, K);
+  for (; m < M - 2 * twos; m += 3) rows<3>(x + m * K, w, scale, out + m * N, N, K);
+  for (; m < M; m += 2) rows<2>(x + m * K, w, scale, out + m * N, N, K);
 }
 
 // x [M, K] fp32, packed [N/4, K/8, 4, 8] int8 (N, K multiples of 4 and 8), scale [N] fp32 -> [M, N] fp32
@@ -112,13 +114,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   float* op = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / (4 * std::max<int64_t>(K, 8) * M));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(M > 1 ? 4 * K : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* w = wp + b * 4 * K;
       if (M == 1) {
         block1(xp, w, sp + 4 * b, op + 4 * b, K);
       } else {
-        blockm(xp, w, sp + 4 * b, op + 4 * b, M, N, K, buf.data());
+        blockm(xp, w, sp + 4 * b, op + 4 * b, M, N, K);
       }
     }
   });
