@@ -93,3 +93,11 @@ def test_dpo_bench_tiny_prints_both_trainers_and_their_losses_per_step():
     # step 1: the adapter starts as a no-op, so the policy is the reference and every loss is log 2
     assert all(abs(float(x) - 0.6931) < 2e-4 for x in steps["1"][:3])
     assert "real tokens" in out
+
+
+def test_int8_kernel_tiny_prints_every_row_count():
+    out = _run("int8_kernel.py", "--rows", "1,3,16")
+    rows = [ln for ln in out.splitlines() if ln[:2] in ("1 ", "3 ", "16")]
+    assert len(rows) == 6 and "GFLOP/s" in out, out
+    if "cannot run here" not in out:  # the kernel built: its answers match fp64 on the same int8 weights
+        assert all(float(ln.rsplit("|", 1)[1]) < 1e-5 for ln in rows), out
