@@ -304,7 +304,7 @@ def main() -> None:
             "tunesmith": ("Generator.stream", "Generator.batch", "", lambda: _tunesmith(ours, "exact")),
             "tunesmith-int8": ('stream, decode_weights="int8"', 'batch, decode_weights="int8"', "",
                                lambda: _tunesmith(ours, "int8")),
-            "tunesmith-compiled": ('stream, int8, compile_decode=True', "batch (eager), int8", "",
+            "tunesmith-compiled": ('stream, int8, compile_decode=True', "batch, int8, compile_decode=True", "",
                                    lambda: _tunesmith(ours, "int8", compiled=True, notes=notes)),
             "transformers": ("generate + TextIteratorStreamer" + (" (peft)" if a.run else ""),
                              f"pipeline, batch_size {a.concurrency}", "",

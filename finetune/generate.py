@@ -230,10 +230,11 @@ class Generator:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
         ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact.
 
-        `compile_decode`: single prompts decode through a compiled step over a static KV cache (finetune/
-        fastdecode.py; ~1.8x the tokens/s of int8 eager decoding on a CPU); compiled here, before the first answer
-        (~20 s with a warm kernel cache, ~1.5 min the first time). `compiled_decode` then says whether it is on,
-        `why_no_compile` why not (a model transformers cannot compile, no C++ compiler).
+        `compile_decode`: answers decode through a compiled step over a static KV cache (finetune/fastdecode.py;
+        ~1.9x the tokens/s of int8 eager decoding on a CPU for one prompt, ~1.15x for 16 at once); compiled here,
+        before the first answer (~30 s with a warm kernel cache, ~2 min the first time).
+        `compiled_decode` then says whether it is on, `why_no_compile` why not (a model transformers cannot compile,
+        no C++ compiler).
 
         `own_threads`: each model call runs on a thread of its own that ends with it (`sharing.on_own_thread`:
         a long-lived thread's OpenMP team slows every other thread's generation). False runs calls on the
@@ -254,7 +255,8 @@ class Generator:
         if self.why_no_compile is None:
             self._compiled = CompiledDecode(self.model)
             warm = GenerationParams(max_new_tokens=3, temperature=0)
-            self._compiled.warm_up(lambda: self._run(["Hello"], warm, None), context_length(self))
+            prompts = ["Hello", "Hi, how are you?"]  # two lengths: a batch is left-padded
+            self._compiled.warm_up(lambda n: self._run(prompts[-n:], warm, None), context_length(self))
 
     @property
     def compiled_decode(self) -> bool:
@@ -340,7 +342,7 @@ class Generator:
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
         constraint = {"prefix_allowed_tokens_fn": self._json.constraint(p.json_schema)} if p.json_schema else {}
         extra = generate_kwargs(p, plen)
-        if self._compiled is not None and len(prompts) == 1 and (p.use_adapter or not self.has_adapter):
+        if self._compiled is not None and (p.use_adapter or not self.has_adapter):
             extra.update(self._compiled.kwargs(plen + p.max_new_tokens, limit))
         if p.temperature >= GREEDY_BELOW:
             processors = extra.setdefault("logits_processor", LogitsProcessorList())

@@ -30,8 +30,9 @@ def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:
 DECODE_WEIGHTS_HELP = ("transformers engine: auto (default) decodes from int8 copies of the weights on a CPU (about "
                        "1.6x the tokens/s, answers very close to exact; prompts and scoring stay exact), exact elsewhere")
 """One help text for `tunesmith chat|serve|ui --decode-weights` (finetune/quantize.py has the measurements)."""
-COMPILE_DECODE_HELP = ("transformers engine: decode single answers through a compiled step over a static KV cache "
-                       "(CPU: ~1.5x the tokens/s); compiled while the model loads: ~20 s, ~1 min the first time")
+COMPILE_DECODE_HELP = ("transformers engine: decode answers (single and batched) through a compiled step over a static "
+                       "KV cache (CPU: ~1.9x the tokens/s of one int8 stream); compiled while the model loads: ~30 s, "
+                       "~2 min the first time")
 """One help text for `tunesmith chat|serve|ui --compile-decode` (finetune/fastdecode.py has the measurements)."""
 
 

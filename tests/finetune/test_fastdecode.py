@@ -1,8 +1,9 @@
-"""Compiled single-stream decode: the same answers as eager decoding, and never silently the wrong adapter state."""
+"""Compiled decode, one prompt or a batch: the same answers as eager decoding, and never silently the wrong adapter state."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,9 +36,6 @@ def test_compiled_decode_answers_as_eager(compiled: Generator, tiny_gen: Generat
     assert "".join(c.text for c in compiled.stream(PROMPT, GREEDY)) == want.text
     sampled = GenerationParams(max_new_tokens=12, temperature=0.8, seed=3)
     assert compiled.generate(PROMPT, sampled).text == tiny_gen.generate(PROMPT, sampled).text
-    # batches run eager, and are unchanged
-    assert [c.text for c in compiled.batch([PROMPT, "hi"], GREEDY)] == [c.text for c in tiny_gen.batch([PROMPT, "hi"],
-                                                                                                        GREEDY)]
 
 
 def test_grouped_attention_equals_transformers_sdpa() -> None:
@@ -67,6 +65,34 @@ def test_one_compiled_step_serves_every_cache_length(compiled: Generator, tiny_g
         p = GenerationParams(max_new_tokens=n, temperature=0)
         assert compiled.generate(PROMPT, p).text == tiny_gen.generate(PROMPT, p).text
     assert counters["stats"]["unique_graphs"] == before.get("unique_graphs", 0)
+
+
+def test_batches_decode_compiled_as_eager_and_compile_nothing(compiled: Generator, tiny_gen: Generator,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left-padded batches of any size decode through the compiled step and answer as eager batches do; the batch
+    graph was compiled at load, so no batch size, answer length or single answer compiles a new one."""
+    from torch._dynamo.utils import counters
+
+    base = compiled.model.get_base_model()
+    steps: list[int] = []
+    step = base._compiled_call
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        steps.append(kwargs["input_ids"].shape[0])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(base, "_compiled_call", counted)
+    graphs = counters["stats"]["unique_graphs"]
+    prompts: list[Any] = [PROMPT, "hi", "tell me a story about a cat", "2+2?", [{"role": "user", "content": "ok"}]]
+    for n, size in ((24, 3), (70, 5), (5, 2)):
+        p = GenerationParams(max_new_tokens=n, temperature=0)
+        got = compiled.batch(prompts[:size], p)
+        want = tiny_gen.batch(prompts[:size], p)
+        assert [(c.text, c.finish_reason) for c in got] == [(c.text, c.finish_reason) for c in want]
+        assert [c.prompt_tokens for c in got] == [c.prompt_tokens for c in want]
+    assert compiled.generate(PROMPT, GREEDY).text == tiny_gen.generate(PROMPT, GREEDY).text
+    assert {3, 5, 2, 1} <= set(steps)  # every batch size and the single answer decoded compiled
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_adapter_switched_off_is_never_decoded_with_the_adapter(compiled: Generator, tiny_gen: Generator) -> None:
