@@ -27,7 +27,7 @@ run eager, every later step calls the compiled forward. These choices keep it ch
   rows, and the eager prefill, ~0.95 s of 4.4).
 - Only with the adapter as loaded: base-model answers (`use_adapter=False`) run eager.
 
-All three graphs are compiled at load (`warm_up`, three short answers), never during a user's answer: ~2 min on
+All three graphs are compiled at load (`warm_up`, three short answers), never during a user's answer: ~2.5 min on
 two cores the first time, ~30 s once inductor's kernels are cached on disk (`cache_dir()/inductor`).
 """
 

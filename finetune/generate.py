@@ -232,7 +232,7 @@ class Generator:
 
         `compile_decode`: answers decode through a compiled step over a static KV cache (finetune/fastdecode.py;
         ~1.9x the tokens/s of int8 eager decoding on a CPU for one prompt, ~1.15x for 16 at once); compiled here,
-        before the first answer (~30 s with a warm kernel cache, ~2 min the first time).
+        before the first answer (~30 s with a warm kernel cache, ~2.5 min the first time).
         `compiled_decode` then says whether it is on, `why_no_compile` why not (a model transformers cannot compile,
         no C++ compiler).
 

@@ -32,7 +32,7 @@ DECODE_WEIGHTS_HELP = ("transformers engine: auto (default) decodes from int8 co
 """One help text for `tunesmith chat|serve|ui --decode-weights` (finetune/quantize.py has the measurements)."""
 COMPILE_DECODE_HELP = ("transformers engine: decode answers (single and batched) through a compiled step over a static "
                        "KV cache (CPU: ~1.9x the tokens/s of one int8 stream); compiled while the model loads: ~30 s, "
-                       "~2 min the first time")
+                       "~2.5 min the first time")
 """One help text for `tunesmith chat|serve|ui --compile-decode` (finetune/fastdecode.py has the measurements)."""
 
 
