@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from chat_bench import _table
+from profile_train import matmul_peak
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 """SmolLM2-135M's linears [N, K]: q/o, k/v, gate/up, down, lm_head."""
@@ -38,7 +40,7 @@ def _time(fn: Callable[..., object], args: tuple[object, ...], calls: int) -> fl
     return (time.perf_counter() - t) / calls
 
 
-def _row(m: int, nn: int, k: int, calls: int, ours: bool) -> str:
+def _row(m: int, nn: int, k: int, calls: int, ours: bool) -> list[str]:
     """One table row: `m` activation rows times one int8 weight [nn, k] through each kernel."""
     from tunesmith.finetune import int8cpu
 
@@ -49,14 +51,15 @@ def _row(m: int, nn: int, k: int, calls: int, ours: bool) -> str:
     reps = max(1, calls // 10) if nn * k > 10_000_000 else calls
     t_torch = _time(torch.ops.aten._weight_int8pack_mm, (x.bfloat16(), q, scale.bfloat16()), reps)
     t_fp32 = _time(torch.nn.functional.linear, (x, w32), reps)
+    theirs = [f"{t_torch * 1e6:,.1f}", f"{t_fp32 * 1e6:,.1f}"]
     if not ours:
-        return f"{m} | {nn}x{k} | - | - | {t_torch * 1e6:,.1f} | {t_fp32 * 1e6:,.1f} | - | - | -"
+        return [str(m), f"{nn}x{k}", "-", "-", *theirs, "-", "-", "-"]
     packed = int8cpu.pack(q)
     t_ours = _time(int8cpu.int8_linear, (x, packed, scale), reps)
     want = x.double() @ w32.double().T
     err = (int8cpu.int8_linear(x, packed, scale).double() - want).abs().max() / want.abs().max()
-    return (f"{m} | {nn}x{k} | {t_ours * 1e6:,.1f} | {2 * m * nn * k / t_ours / 1e9:.1f} | {t_torch * 1e6:,.1f} | "
-            f"{t_fp32 * 1e6:,.1f} | {t_torch / t_ours:.2f}x | {t_fp32 / t_ours:.2f}x | {err:.1e}")
+    return [str(m), f"{nn}x{k}", f"{t_ours * 1e6:,.1f}", f"{2 * m * nn * k / t_ours / 1e9:.1f}", *theirs,
+            f"{t_torch / t_ours:.2f}x", f"{t_fp32 / t_ours:.2f}x", f"{err:.1e}"]
 
 
 def main() -> None:
@@ -77,17 +80,14 @@ def main() -> None:
     calls = 3 if a.tiny else a.calls
     torch.manual_seed(0)
     n = 256 if a.tiny else 2048
-    peak = 2 * n**3 / _time(torch.matmul, (torch.randn(n, n), torch.randn(n, n)), 2 if a.tiny else 5)
+    peak = matmul_peak(torch.float32, n, 2 if a.tiny else 6)
     print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, fp32 {n}^3 matmul {peak / 1e9:.1f} GFLOP/s, "
+          f"{torch.backends.cpu.get_cpu_capability()}, fp32 {n}^3 matmul {peak:.1f} GFLOP/s, "
           f"kernel source: {a.source or 'finetune/int8cpu.py'}")
-    print("rows | N x K | tunesmith us | GFLOP/s | torch int8 (bf16) us | fp32 linear us | vs torch int8 | vs fp32 | "
-          "max rel. error vs fp64")
-    print("-----+-------+--------------+---------+----------------------+----------------+---------------+---------+"
-          "-----------------------")
-    for m in [int(r) for r in a.rows.split(",")]:
-        for nn, k in shapes:
-            print(_row(m, nn, k, calls, why is None))
+    head = ["rows", "N x K", "tunesmith us", "GFLOP/s", "torch int8 (bf16) us", "fp32 linear us", "vs torch int8",
+            "vs fp32", "max rel. error vs fp64"]
+    print(_table(head, [_row(m, nn, k, calls, why is None) for m in [int(r) for r in a.rows.split(",")]
+                        for nn, k in shapes]))
 
 
 if __name__ == "__main__":
