@@ -22,9 +22,9 @@ run eager, every later step calls the compiled forward. These choices keep it ch
   SDPA path repeats them instead, copying the whole static cache per layer and token (~2.7 ms a token here).
 - Batches (left-padded, `Generator.batch`, the API's micro-batches) go through the same step: their batch size is
   one more symbolic size, in a third graph that serves every batch size (dynamo specializes a size of one, so
-  single answers keep their own graphs). Measured there, 16 prompts of 64 new
-  tokens, int8: eager 188 tokens/s, compiled 214 (what is left: the int8 matmuls, ~33 ms of a ~50 ms step for 16
-  rows, and the eager prefill, ~0.95 s of 4.4).
+  single answers keep their own graphs). Measured there, 16 prompts of 64 new tokens, int8: eager 188 tokens/s,
+  compiled 214 (what is left: the int8 matmuls, ~33 ms of a ~50 ms step for 16 rows, and the eager prefill,
+  ~0.95 s of 4.4).
 - Only with the adapter as loaded: base-model answers (`use_adapter=False`) run eager.
 
 All three graphs are compiled at load (`warm_up`, three short answers), never during a user's answer: ~2.5 min on
