@@ -5,7 +5,8 @@
     python benchmarks/chat_bench.py --tiny                 # seconds, tiny random model (CI smoke run)
     python benchmarks/chat_bench.py --run runs/quickstart  # a fine-tuned run: its LoRA adapter live
 
-Engines (`--only` names): `tunesmith` (`Generator.stream` / `.batch`, exact weights), `tunesmith-int8` (the same
+Engines (`--only` names): `tunesmith` (`Generator.stream`, exact weights; batched: that many concurrent streams,
+on threads, rows of its continuous batch), `tunesmith-int8` (the same
 with `decode_weights="int8"`, a second load: int8 swaps the model's linear layers in place), `tunesmith-compiled`
 (int8 and `compile_decode=True`: single streams decode through a compiled step; its load time, compile included, is
 printed), `transformers` (the
@@ -81,12 +82,12 @@ def _timed_stream(start: Callable[[Callable[[str], None]], None]) -> tuple[float
     return (first or end) - t0, end - (first or end), "".join(parts)
 
 
-def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[str] | None = None
-               ) -> tuple[Stream, Batch]:
+def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[str] | None = None,
+               continuous: bool = True) -> tuple[Stream, Batch]:
     from tunesmith.finetune import GenerationParams, load_generator
 
     t0 = time.perf_counter()
-    gen = load_generator(source, decode_weights=weights, compile_decode=compiled)
+    gen = load_generator(source, decode_weights=weights, compile_decode=compiled, continuous_batching=continuous)
     if compiled and notes is not None:
         notes.append(f"tunesmith-compiled: load + compile {time.perf_counter() - t0:.1f} s"
                      + ("" if gen.compiled_decode else f"; NOT compiled: {gen.why_no_compile}"))
@@ -102,9 +103,20 @@ def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[st
         return _timed_stream(start)
 
     def batch(ps: list[str], n: int) -> tuple[float, list[str]]:
+        """Concurrent streamed requests, each on its own thread, as API clients and chat users send them: they
+        decode as rows of one continuous batch (finetune/continuous.py)."""
+        out = [""] * len(ps)
+
+        def work(i: int) -> None:
+            out[i] = "".join(c.text for c in gen.stream(_msgs(ps[i]), params(n)))
+
         t0 = time.perf_counter()
-        outs = gen.batch([_msgs(p) for p in ps], params(n), max_batch_size=len(ps))
-        return time.perf_counter() - t0, [o.text for o in outs]
+        ths = [threading.Thread(target=work, args=(i,)) for i in range(len(ps))]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        return time.perf_counter() - t0, out
 
     return stream, batch
 
@@ -248,6 +260,9 @@ def main() -> None:
     ap.add_argument("--stream-prompts", type=int, default=None, help="prompts timed one at a time (default 3, tiny 1)")
     ap.add_argument("--repeats", type=int, default=None, help="each measurement repeated, the fastest kept (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: torch.get_num_threads())")
+    ap.add_argument("--no-continuous-batching", action="store_true",
+                    help="tunesmith engines without continuous batching: each request its own `generate` call "
+                         "(how tunesmith served before finetune/continuous.py)")
     ap.add_argument("--run", help="a LoRA run folder: tunesmith and transformers decode with its adapter live")
     a = ap.parse_args()
     only = [e.strip() for e in a.only.split(",") if e.strip()]
@@ -300,12 +315,14 @@ def main() -> None:
                       for p in prompts)
         per_slot = longest + a.max_new_tokens + 16
         gguf_name = "tiny f16" if a.tiny else "embedded Q4_1"
+        cb = not a.no_continuous_batching
         engines: dict[str, tuple[str, str, str, Callable[[], tuple[Stream, Batch]]]] = {  # name: paths, skip, build
-            "tunesmith": ("Generator.stream", "Generator.batch", "", lambda: _tunesmith(ours, "exact")),
-            "tunesmith-int8": ('stream, decode_weights="int8"', 'batch, decode_weights="int8"', "",
-                               lambda: _tunesmith(ours, "int8")),
-            "tunesmith-compiled": ('stream, int8, compile_decode=True', "batch, int8, compile_decode=True", "",
-                                   lambda: _tunesmith(ours, "int8", compiled=True, notes=notes)),
+            "tunesmith": ("Generator.stream", f"{a.concurrency} streams at once", "",
+                          lambda: _tunesmith(ours, "exact", continuous=cb)),
+            "tunesmith-int8": ('stream, decode_weights="int8"', f"{a.concurrency} streams, int8", "",
+                               lambda: _tunesmith(ours, "int8", continuous=cb)),
+            "tunesmith-compiled": ('stream, int8, compile_decode=True', f"{a.concurrency} streams, int8, compiled", "",
+                                   lambda: _tunesmith(ours, "int8", compiled=True, notes=notes, continuous=cb)),
             "transformers": ("generate + TextIteratorStreamer" + (" (peft)" if a.run else ""),
                              f"pipeline, batch_size {a.concurrency}", "",
                              lambda: _transformers(source, tok, dtype, device, a.run)),
@@ -324,6 +341,7 @@ def main() -> None:
 
     model = "tiny random model" if a.tiny else "SmolLM2-135M-Instruct (embedded)"
     model += f", LoRA run {a.run} (adapter live; llama.cpp: the base GGUF)" if a.run else ""
+    model += ", tunesmith WITHOUT continuous batching" if a.no_continuous_batching else ""
     print(f"Chat decoding, {model}, greedy, max_new_tokens={a.max_new_tokens}, best of {a.repeats}")
     print(_machine(threads, dtype))
     print(f"\nSingle stream (median TTFT over {a.stream_prompts} prompts; decode tok/s after the first text)")

@@ -61,19 +61,7 @@ if TYPE_CHECKING:
     from .estimate import dry_run
     from .evaluate import evaluate_run, format_table, save_result
     from .export import QUANTS, ExportResult, export_gguf
-    from .generate import (
-        Chunk,
-        Completion,
-        ContextError,
-        GenerationParams,
-        Generator,
-        Prompt,
-        TokenLogprobs,
-        context_length,
-        cut_at_stop,
-        fit_context,
-        load_generator,
-    )
+    from .generate import Generator, context_length, cut_at_stop, fit_context, load_generator
     from .logits import GeneratedLogprob, token_key
     from .merge import merge_run
     from .methods import preview_examples
@@ -88,6 +76,7 @@ if TYPE_CHECKING:
         resolve_base_model,
         resolve_source,
     )
+    from .params import Chunk, Completion, ContextError, GenerationParams, Prompt, TokenLogprobs
     from .push import push_run
     from .runs import read_metrics
     from .sharing import on_own_thread
@@ -106,8 +95,8 @@ _WHERE = {
     "push_run": ".push",
     "dry_run": ".estimate",
     **dict.fromkeys(["evaluate_run", "format_table", "save_result"], ".evaluate"),
-    **dict.fromkeys(["Chunk", "Completion", "ContextError", "GenerationParams", "Generator", "Prompt", "TokenLogprobs",
-                     "context_length", "cut_at_stop", "fit_context", "load_generator"], ".generate"),
+    **dict.fromkeys(["Chunk", "Completion", "ContextError", "GenerationParams", "Prompt", "TokenLogprobs"], ".params"),
+    **dict.fromkeys(["Generator", "context_length", "cut_at_stop", "fit_context", "load_generator"], ".generate"),
     **dict.fromkeys(["GeneratedLogprob", "token_key"], ".logits"),
     "merge_run": ".merge",
     "preview_examples": ".methods",

@@ -20,11 +20,11 @@ run eager, every later step calls the compiled forward. These choices keep it ch
   weights already ask that).
 - A one-token query attends on the grouped key/value heads (`grouped_sdpa`): under torch.compile transformers'
   SDPA path repeats them instead, copying the whole static cache per layer and token (~2.7 ms a token here).
-- Batches (left-padded, `Generator.batch`, the API's micro-batches) go through the same step: their batch size is
-  one more symbolic size, in a third graph that serves every batch size (dynamo specializes a size of one, so
-  single answers keep their own graphs). Measured there, 16 prompts of 64 new tokens, int8: eager 188 tokens/s,
-  compiled 214 (what is left: the int8 matmuls, ~33 ms of a ~50 ms step for 16 rows, and the eager prefill,
-  ~0.95 s of 4.4).
+- With continuous batching (finetune/continuous.py, a Generator's default) this same compiled forward is its
+  decode step (`step()`), over its own cache and 4-D mask: the row count is one more symbolic size, in a third
+  graph that serves every batch size (dynamo specializes a size of one, so a lone answer keeps its own two
+  graphs); `ContinuousBatcher.warm_up` compiles all three. Without it, left-padded `generate` batches
+  (`Generator.batch`) go through `generate`'s own compiled step, over a `StaticCache` (`kwargs()`, `warm_up()`).
 - Only with the adapter as loaded: base-model answers (`use_adapter=False`) run eager.
 
 All three graphs are compiled at load (`warm_up`, three short answers), never during a user's answer: ~2.5 min on
@@ -128,6 +128,10 @@ class CompiledDecode:
                 answer(prompts)
             finally:
                 self._length = None
+
+    def step(self) -> Callable[..., Any]:
+        """The compiled forward itself (transformers' `get_compiled_call`), for continuous batching's decode steps."""
+        return _causal(self.model).get_compiled_call(self.config)
 
     def kwargs(self, needed: int, limit: int | None) -> dict[str, Any]:
         from transformers import StaticCache

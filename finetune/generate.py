@@ -12,7 +12,7 @@ import itertools
 import threading
 from collections import abc
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,130 +20,17 @@ import torch
 from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .constrained import JsonVocab
+from .continuous import Answer, ContinuousBatcher
+from .continuous import why_not as why_not_batched
 from .fastdecode import CompiledDecode
 from .fastdecode import why_not as why_not_compiled
-from .logits import GeneratedLogprob, RowSampler, _token_text, completion_logprobs, generate_kwargs, token_key
+from .logits import RowSampler, _token_text, completion_logprobs, generate_kwargs, row_processors, token_key
 from .model import LoadedRun, load_run
+from .params import GREEDY_BELOW, Chunk, Completion, ContextError, GenerationParams, Prompt, TokenLogprobs
 from .quantize import int8_reads, resolve_decode_weights, use_int8_decode
 from .scoring import score_candidates
 from .sharing import AdapterSwitch, CpuShare, cpu_share, on_own_thread
 from .streams import thread_stream
-
-Messages = list[dict[str, str]]
-Prompt = str | Messages
-
-
-GREEDY_BELOW = 1e-4
-"""Temperatures under this decode greedily: dividing logits by ~1e-246 overflows to inf, and the sampler's
-probabilities to NaN; at 1e-4 sampling already picks the top token whenever it leads by 0.01 logits."""
-
-
-@dataclass
-class GenerationParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    """0 (anything below GREEDY_BELOW) means greedy decoding."""
-    top_p: float = 0.95
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    """Stop strings; generation ends at the first one and it is not part of the returned text."""
-    seed: int | None = None
-    use_adapter: bool = True
-    """False answers with the base model alone (same weights in memory), for tuned-vs-base comparisons."""
-    json_schema: dict | None = None
-    """A JSON schema the answer must follow: decoding only allows tokens that keep the text valid JSON of this
-    schema (lm-format-enforcer), so even a 135M model's answer parses. It can still be cut by `max_new_tokens`
-    (finish_reason "length"), and lm-format-enforcer's number grammar lets an integer have an exponent (`3e2`) and
-    any number of digits: validate the parsed answer. The OpenAI API's `response_format` and the extract chain
-    both set this."""
-    presence_penalty: float = 0.0
-    """OpenAI's penalties (-2..2), over the generated tokens only: logit -= presence * (count > 0)
-    + frequency * count (finetune/logits.py). Positive values discourage repeating what was already written."""
-    frequency_penalty: float = 0.0
-    logprobs: bool = False
-    """Report each generated token's log-probability (from the raw logits) in `Completion.logprobs`."""
-    top_logprobs: int = 0
-    """With `logprobs`: also the 0..20 likeliest tokens at each step."""
-
-    def __post_init__(self) -> None:
-        self.stop = [s for s in self.stop if s]  # "" would match everywhere and end every answer at once
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.json_schema is not None and not isinstance(self.json_schema, dict):
-            raise ValueError(f"json_schema must be a JSON schema dict, got {type(self.json_schema).__name__}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
-        if not 0 <= self.top_logprobs <= 20:
-            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=True")
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    """"stop" (EOS or a stop string), "length" (max_new_tokens reached) or "cancelled"."""
-    logprobs: list[GeneratedLogprob] | None = None
-    """One entry per token of `text` when `GenerationParams.logprobs` asked for them, else None."""
-    prompt_ids: list[int] = field(default_factory=list)
-    """The prompt's token ids as the model read them (chat template applied, no padding)."""
-    token_ids: list[int] = field(default_factory=list)
-    """The answer's token ids as generated, through the end-of-turn token when it ended there (past a stop string,
-    which cuts `text` only): what GRPO trains on. Both lists are empty from the llama.cpp engine."""
-
-
-@dataclass
-class Chunk:
-    """One streamed piece: `text` is the new text only; the last chunk has `done=True` and the totals."""
-
-    text: str
-    done: bool = False
-    completion: Completion | None = None
-    logprobs: list[GeneratedLogprob] | None = None
-    """With `GenerationParams.logprobs`: the answer's token logprobs, all on the chunk with the last text (or the
-    done chunk): they are read from the logits `generate` returns at its end."""
-
-
-@dataclass
-class TokenLogprobs:
-    """How likely a model finds each token of a text: the `logprobs` object of OpenAI's completions API, and what
-    lm-evaluation-harness sums to score an answer. `tokens` joined give the text back; `text_offset` is where each
-    starts in it."""
-
-    ids: list[int]
-    tokens: list[str]
-    text_offset: list[int]
-    token_logprobs: list[float | None]
-    """log p(token | the tokens before it); None for the first token, which nothing predicts."""
-    top_logprobs: list[dict[str, float] | None]
-    """The `top_n` most likely tokens at each position (token text -> logprob); None for the first token."""
-    next_id: int | None = None
-    """The most likely token after the text (what greedy decoding writes next), its logprob and top alternatives."""
-    next_logprob: float | None = None
-    next_top: dict[str, float] = field(default_factory=dict)
-    next_ends: bool = False
-    """Whether that next token ends the answer (EOS or end of turn)."""
-    next_token: str = ""
-    """That token as `top_logprobs` keys name it (`token_key`)."""
-
-
-class ContextError(ValueError):
-    """A prompt, or prompt plus `max_new_tokens`, does not fit the model's context; `param` names the culprit."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def context_length(gen: Generator) -> int | None:
@@ -181,7 +68,6 @@ class _Watch(StoppingCriteria):
         self.gen, self.prompt_len, self.stop, self.cancel, self.on_tokens = gen, prompt_len, list(stop), cancel, on_tokens
         self.hit_stop: set[int] = set()
         self.cancelled = False
-        self._tail = max((len(s) for s in self.stop), default=0) + 16
         self.share: CpuShare | None = None
         """The CPU threads of this call, resized at every token to the number of calls running beside it."""
 
@@ -197,12 +83,16 @@ class _Watch(StoppingCriteria):
             return cast(torch.BoolTensor, done | True)
         if self.stop:
             for i in range(new.shape[0]):
-                # only the last few tokens can complete a new stop string
-                tail = self.gen.tokenizer.decode(new[i, -self._tail:], skip_special_tokens=True)
-                if any(s in tail for s in self.stop):
+                if ends_in_stop(self.gen.tokenizer, new[i].tolist(), self.stop):
                     self.hit_stop.add(i)
                     done[i] = True
         return cast(torch.BoolTensor, done)
+
+
+def ends_in_stop(tokenizer: Any, new: Sequence[int], stop: Sequence[str]) -> bool:
+    """Whether the last tokens of `new` complete a stop string: only they can, so only they are decoded."""
+    tail = tokenizer.decode(new[-(max(len(s) for s in stop) + 16):], skip_special_tokens=True)
+    return any(s in tail for s in stop)
 
 
 def stable_text(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -226,19 +116,24 @@ class Generator:
     """Generation over a loaded run. Thread-safe; create one per model and share it."""
 
     def __init__(self, loaded: LoadedRun, decode_weights: str = "exact", own_threads: bool = True,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, continuous_batching: bool = True) -> None:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
         ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact.
 
-        `compile_decode`: answers decode through a compiled step over a static KV cache (finetune/fastdecode.py;
-        ~1.9x the tokens/s of int8 eager decoding on a CPU for one prompt, ~1.15x for 16 at once); compiled here,
-        before the first answer (~30 s with a warm kernel cache, ~2.5 min the first time).
+        `compile_decode`: answers decode through a compiled step (finetune/fastdecode.py; ~2x the tokens/s of int8
+        eager decoding on a CPU for one prompt, ~1.2x for 16 at once); compiled here, before the first answer
+        (~30 s with a warm kernel cache, ~2.5 min the first time).
         `compiled_decode` then says whether it is on, `why_no_compile` why not (a model transformers cannot compile,
         no C++ compiler).
 
         `own_threads`: each model call runs on a thread of its own that ends with it (`sharing.on_own_thread`:
         a long-lived thread's OpenMP team slows every other thread's generation). False runs calls on the
-        caller's thread: for a caller that already does torch work on its thread, as a training loop does."""
+        caller's thread: for a caller that already does torch work on its thread, as a training loop does.
+
+        `continuous_batching` (with `own_threads`): every answer in flight, streamed or not, is a row of one shared
+        decode step that it joins and leaves at any token (finetune/continuous.py); `why_no_batching` says why
+        not (a model without a standard key/value cache, own_threads=False). JSON-schema answers, logprobs and
+        base-model answers (`use_adapter=False`) still run one `generate` call each."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -252,8 +147,16 @@ class Generator:
             use_int8_decode(self.model)
         self._compiled: CompiledDecode | None = None
         self.why_no_compile = why_not_compiled(self.model) if compile_decode else "not asked (compile_decode=False)"
+        self._batcher: ContinuousBatcher | None = None
+        self.why_no_batching = (why_not_batched(self.model) if own_threads else "own_threads=False") if \
+            continuous_batching else "not asked (continuous_batching=False)"
         if self.why_no_compile is None:
             self._compiled = CompiledDecode(self.model)
+        if self.why_no_batching is None:
+            self._batcher = ContinuousBatcher(self.model, self._compiled.step() if self._compiled else None)
+            if self._compiled is not None:
+                self._batcher.warm_up(self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0])
+        elif self._compiled is not None:
             warm = GenerationParams(max_new_tokens=3, temperature=0)
             prompts = ["Hello", "Hi, how are you?"]  # two lengths: a batch is left-padded
             self._compiled.warm_up(lambda n: self._run(prompts[-n:], warm, None), context_length(self))
@@ -261,6 +164,10 @@ class Generator:
     @property
     def compiled_decode(self) -> bool:
         return self._compiled is not None
+
+    @property
+    def continuous_batching(self) -> bool:
+        return self._batcher is not None
 
     @property
     def device(self) -> torch.device:
@@ -330,19 +237,19 @@ class Generator:
     # -- core ------------------------------------------------------------------------------------------------
     def _run(self, prompts: Sequence[Prompt], p: GenerationParams, cancel: threading.Event | None,
              on_tokens: Any = None) -> list[Completion]:
+        if self._batcher is not None and not p.json_schema and not p.logprobs and (p.use_adapter or not self.has_adapter):
+            return self._run_batched(prompts, p, cancel, on_tokens)
         enc = self._encode(prompts)
         plen = enc["input_ids"].shape[1]
         limit = context_length(self)
         if limit is not None:  # a prompt is never cut silently; the answer stops at the context's end ("length")
             longest = int(enc["attention_mask"].sum(dim=1).max())
-            if longest >= limit:
-                raise ContextError(f"The prompt is {longest} tokens but {self.name} reads at most {limit} (its context, "
-                                   "prompt and answer together). Shorten the prompt.", "messages")
+            self._check_prompt(longest, limit)
             p = replace(p, max_new_tokens=min(p.max_new_tokens, limit - longest))
         watch = _Watch(self, plen, p.stop, cancel, on_tokens)
         constraint = {"prefix_allowed_tokens_fn": self._json.constraint(p.json_schema)} if p.json_schema else {}
         extra = generate_kwargs(p, plen)
-        if self._compiled is not None and (p.use_adapter or not self.has_adapter):
+        if self._compiled is not None and self._batcher is None and (p.use_adapter or not self.has_adapter):
             extra.update(self._compiled.kwargs(plen + p.max_new_tokens, limit))
         if p.temperature >= GREEDY_BELOW:
             processors = extra.setdefault("logits_processor", LogitsProcessorList())
@@ -353,27 +260,59 @@ class Generator:
                                                              stopping_criteria=StoppingCriteriaList([watch]))
         out, raw_logits = (out.sequences, out.logits) if p.logprobs else (out, None)
         results = []
-        eos = set(self._eos_ids())
         for i in range(out.shape[0]):
-            new = out[i, plen:].tolist()
             n_prompt = int(enc["attention_mask"][i].sum())
-            ended = next((j for j, t in enumerate(new) if t in eos), None)
-            if ended is not None:
-                new = new[: ended + 1]
-            while new and new[-1] == self.tokenizer.pad_token_id and new[-1] not in eos:
-                new.pop()
-            text, stopped = cut_at_stop(self._decode(new), p.stop)
-            if watch.cancelled:
-                reason = "cancelled"
-            elif ended is not None or stopped or i in watch.hit_stop:
-                reason = "stop"
-            else:
-                reason = "length"
-            lps = None if raw_logits is None else completion_logprobs(self.tokenizer, raw_logits, i, new, text,
-                                                                      p.top_logprobs)
             prompt_ids = enc["input_ids"][i, plen - n_prompt:].tolist()  # left-padded: the last n_prompt ids
-            results.append(Completion(text, n_prompt, len(new), reason, lps, prompt_ids, new))
+            results.append(self._completion(prompt_ids, out[i, plen:].tolist(), p, i in watch.hit_stop,
+                                            watch.cancelled, raw_logits, i))
         return results
+
+    def _check_prompt(self, n: int, limit: int) -> None:
+        if n >= limit:
+            raise ContextError(f"The prompt is {n} tokens but {self.name} reads at most {limit} (its context, "
+                               "prompt and answer together). Shorten the prompt.", "messages")
+
+    def _run_batched(self, prompts: Sequence[Prompt], p: GenerationParams, cancel: threading.Event | None,
+                     on_tokens: Any = None) -> list[Completion]:
+        """`_run` as rows of the continuous batch: each prompt unpadded, with its own sampler and penalties."""
+        assert self._batcher is not None
+        rows = [self.tokenizer(self.render(q), add_special_tokens=False)["input_ids"] for q in prompts]
+        limit = context_length(self)
+        cancel = cancel or threading.Event()
+        eos = set(self._eos_ids())
+        stopped = (lambda new: ends_in_stop(self.tokenizer, new, p.stop)) if p.stop else None
+        streamed = (lambda new: on_tokens(torch.tensor(new))) if on_tokens is not None else None
+        answers = []
+        for ids in rows:
+            if limit is not None:
+                self._check_prompt(len(ids), limit)
+            answers.append(Answer(list(ids) or [self.tokenizer.bos_token_id or 0],
+                                  min(p.max_new_tokens, limit - len(ids)) if limit is not None else p.max_new_tokens,
+                                  eos, row_processors(p, len(ids), self.device), stopped, cancel, streamed))
+        done = [self._batcher.submit(a) for a in answers]
+        for f in done:
+            f.result()
+        return [self._completion(ids, a.new, p, a.hit_stop, a.cancelled) for ids, a in zip(rows, answers)]
+
+    def _completion(self, prompt_ids: list[int], new: list[int], p: GenerationParams, hit_stop: bool,
+                    cancelled: bool, raw_logits: Any = None, row: int = 0) -> Completion:
+        """One answer's Completion from its generated ids: cut at EOS, padding and stop strings."""
+        eos = set(self._eos_ids())
+        ended = next((j for j, t in enumerate(new) if t in eos), None)
+        if ended is not None:
+            new = new[: ended + 1]
+        while new and new[-1] == self.tokenizer.pad_token_id and new[-1] not in eos:
+            new.pop()
+        text, stopped = cut_at_stop(self._decode(new), p.stop)
+        if cancelled:
+            reason = "cancelled"
+        elif ended is not None or stopped or hit_stop:
+            reason = "stop"
+        else:
+            reason = "length"
+        lps = None if raw_logits is None else completion_logprobs(self.tokenizer, raw_logits, row, new, text,
+                                                                  p.top_logprobs)
+        return Completion(text, len(prompt_ids), len(new), reason, lps, prompt_ids, new)
 
     def generate(self, prompt: Prompt, params: GenerationParams | None = None,
                  cancel: threading.Event | None = None) -> Completion:
@@ -496,16 +435,18 @@ ENGINES = ("transformers", "llama.cpp")
 
 
 def load_generator(source: str | Path, engine: str = "transformers", decode_weights: str = "exact",
-                   compile_decode: bool = False, **kw: Any) -> Generator:
+                   compile_decode: bool = False, continuous_batching: bool = True, **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id.
 
     `engine="llama.cpp"` serves a run through its exported GGUF (exported on first use, finetune/llamacpp.py): the
     same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers.
-    `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU); `compile_decode`: see `Generator`."""
+    `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU); `compile_decode`, `continuous_batching`: see
+    `Generator`."""
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp
 
         return load_llamacpp(source, **kw)  # type: ignore[return-value]  # Generator's serving surface
     if engine != "transformers":
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
-    return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights, compile_decode=compile_decode))  # see Generator's own_threads
+    return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights, compile_decode=compile_decode,
+                                           continuous_batching=continuous_batching))  # see Generator's own_threads

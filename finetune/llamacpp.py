@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .errors import ExportError, ModelLoadError, UnsupportedRequest
-from .generate import Chunk, Completion, GenerationParams, Prompt
 from .logits import GeneratedLogprob
+from .params import Chunk, Completion, GenerationParams, Prompt
 from .streams import thread_stream
 
 CHECK_TOKENS = 32
@@ -187,7 +187,7 @@ class LlamaCppGenerator:
                              "engine serves the merged model.")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.n_ctx:
-            from .generate import ContextError
+            from .params import ContextError
 
             raise ContextError(f"The prompt is {len(ids)} tokens but {self.name} reads at most {self.n_ctx}. Shorten "
                                "it.", "messages")

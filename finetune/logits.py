@@ -15,6 +15,10 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+GREEDY_BELOW = 1e-4
+"""Temperatures under this decode greedily: dividing logits by ~1e-246 overflows to inf, and the sampler's
+probabilities to NaN; at 1e-4 sampling already picks the top token whenever it leads by 0.01 logits."""
+
 
 @dataclass
 class GeneratedLogprob:
@@ -60,6 +64,20 @@ def generate_kwargs(p: Any, prompt_len: int) -> dict[str, Any]:
     if p.logprobs:
         kw.update(output_logits=True, return_dict_in_generate=True)  # raw logits, one (batch, vocab) per step
     return kw
+
+
+def row_processors(p: Any, prompt_len: int, device: torch.device) -> LogitsProcessorList:
+    """One answer's own logits processors for continuous batching (finetune/continuous.py), in `generate`'s order:
+    repetition penalty, OpenAI's penalties, then sampling (`RowSampler`, one row); empty means greedy."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    out = LogitsProcessorList()
+    if p.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    out.extend(generate_kwargs(p, prompt_len).get("logits_processor", []))
+    if p.temperature >= GREEDY_BELOW:
+        out.append(RowSampler(1, p.temperature, p.top_p, p.top_k, p.seed, device))
+    return out
 
 
 def completion_logprobs(tokenizer: Any, raw_logits: Sequence[torch.Tensor], row: int, ids: Sequence[int], text: str,

@@ -11,7 +11,7 @@ import torch
 from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
 
 if TYPE_CHECKING:
-    from .generate import Prompt
+    from .params import Prompt
 
 
 def candidate_ids(tokenizer: Any, prompt: Prompt, candidates: Sequence[str]) -> tuple[list[int], list[list[int]],

@@ -118,7 +118,7 @@ def user_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def build_app(pool: ModelPool, concurrency: int = 4,
+def build_app(pool: ModelPool, concurrency: int = 16,
               ask: Callable[..., DocAnswer] = ask_documents) -> gr.Blocks:
     """The app; launch it with `launch(app, ...)`. `ask` answers over a document folder (the `chains/` RAG)."""
     from .documents_tab import documents_tab
@@ -383,7 +383,7 @@ def sampling_sliders(prefix: str) -> list[gr.Slider]:
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
-           share: bool = False, concurrency: int = 4, max_queue: int = 64, block: bool = True) -> gr.Blocks:
+           share: bool = False, concurrency: int = 16, max_queue: int = 64, block: bool = True) -> gr.Blocks:
     """Queue with `concurrency` generations at once (`max_queue` more may wait), then serve the app."""
     if share and not auth:
         raise ValueError("A public share link without a login lets anyone use this model: add --auth USER:PASSWORD.")

@@ -1,5 +1,9 @@
 """Micro-batching for non-streamed requests: requests that arrive together share one left-padded `generate` call.
 
+Only for generators without continuous batching (finetune/continuous.py: the llama.cpp engine, a model it cannot
+run, `continuous_batching=False`): a transformers Generator that batches continuously already decodes every answer
+in flight in one shared step, without a collection window or a common parameter set, so requests go straight to it.
+
 Where it helps: several API clients asking for whole completions at once. On CPU and GPU alike one batched
 forward pass per token is much cheaper than N separate ones. Streamed requests are not batched (each needs its
 own token-by-token hand-off and its own cancel); they run side by side up to the concurrency limit instead.
@@ -43,6 +47,8 @@ class Batcher:
 
     def generate(self, gen: Generator, prompt: Prompt, params: GenerationParams) -> Completion:
         """Blocking: the completion for `prompt`, computed in a batch with whatever arrived at the same time."""
+        if getattr(gen, "continuous_batching", False):
+            return gen.generate(prompt, params)
         req = _Request(gen, prompt, params)
         self._q.put(req)
         return req.future.result()

@@ -20,7 +20,8 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind; 0.0.0.0 exposes it to your network (use --auth / --api-key then)")
     p.add_argument("--port", type=int, default=port)
-    p.add_argument("--concurrency", type=int, default=4, help="generations running at once; others queue")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="generations running at once (rows of one shared decode step); others queue")
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory at once (least recent dropped)")
     p.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
                    help="llama.cpp: serve runs through their GGUF (exported on first use; needs xllamacpp)")

@@ -240,7 +240,7 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, bool]:
             return b"".join(parts), False
 
 
-def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 4, max_queue: int = 64,
+def build_api(pool: ModelPool, api_key: str | None = None, concurrency: int = 16, max_queue: int = 64,
               default_max_tokens: int = 512, batcher: Batcher | None = None,
               cors_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app. `concurrency` requests generate at once (non-streamed ones among them are batched);
@@ -476,7 +476,7 @@ def _finish(reason: str) -> str:
 
 
 def serve(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          concurrency: int = 4, cors_origins: list[str] | None = None) -> None:
+          concurrency: int = 16, cors_origins: list[str] | None = None) -> None:
     """Run the API with uvicorn until interrupted (loads the default model first, so the first request is fast)."""
     import uvicorn
 

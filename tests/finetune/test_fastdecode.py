@@ -69,19 +69,20 @@ def test_one_compiled_step_serves_every_cache_length(compiled: Generator, tiny_g
 
 def test_batches_decode_compiled_as_eager_and_compile_nothing(compiled: Generator, tiny_gen: Generator,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Left-padded batches of any size decode through the compiled step and answer as eager batches do; the batch
+    """Continuous batches of any size decode through the compiled step and answer as eager batches do; the batch
     graph was compiled at load, so no batch size, answer length or single answer compiles a new one."""
     from torch._dynamo.utils import counters
 
-    base = compiled.model.get_base_model()
+    assert compiled._batcher is not None
+    assert compiled._batcher.step is compiled.model.get_base_model()._compiled_call
     steps: list[int] = []
-    step = base._compiled_call
+    step = compiled._batcher.step
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(**kwargs: Any) -> Any:
         steps.append(kwargs["input_ids"].shape[0])
-        return step(*args, **kwargs)
+        return step(**kwargs)
 
-    monkeypatch.setattr(base, "_compiled_call", counted)
+    monkeypatch.setattr(compiled._batcher, "step", counted)
     graphs = counters["stats"]["unique_graphs"]
     prompts: list[Any] = [PROMPT, "hi", "tell me a story about a cat", "2+2?", [{"role": "user", "content": "ok"}]]
     for n, size in ((24, 3), (70, 5), (5, 2)):

@@ -52,21 +52,46 @@ def test_stream_concatenates_to_the_completion(client, pool, tiny_run_dir):
 
 
 def test_concurrent_requests_are_batched_and_not_mixed(api, client, pool, tiny_run_dir):
+    """Streamed and whole completions in flight together are rows of the same decode steps (continuous batching),
+    and each gets its own answer."""
     prompts = [f"question number {i} about france" for i in range(4)]
 
-    def ask(p: str) -> str:
-        r = client.chat.completions.create(model=tiny_run_dir.name, messages=[{"role": "user", "content": p}],
-                                           max_tokens=10, temperature=0)
-        return r.choices[0].message.content
+    def ask(i: int) -> str:
+        kw = dict(model=tiny_run_dir.name, messages=[{"role": "user", "content": prompts[i]}], max_tokens=10,
+                  temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                           if c.choices)
+        return client.chat.completions.create(**kw).choices[0].message.content
 
-    before = len(api.app.state.batcher.batch_sizes)
-    with ThreadPoolExecutor(4) as ex:
-        got = list(ex.map(ask, prompts))
     gen, _ = pool.get(tiny_run_dir.name)
+    assert gen.continuous_batching
+    steps, rows = gen._batcher.steps, gen._batcher.rows_decoded
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(ask, range(4)))
+    shared = (gen._batcher.rows_decoded - rows) - (gen._batcher.steps - steps)
     want = [gen.generate([{"role": "user", "content": p}], GenerationParams(max_new_tokens=10, temperature=0)).text
             for p in prompts]
     assert got == want
-    assert max(api.app.state.batcher.batch_sizes[before:]) > 1  # at least two shared one generate call
+    assert shared > 0  # some steps decoded more than one request
+
+
+def test_micro_batcher_shares_generate_calls_without_continuous_batching(tiny_run_dir):
+    """The llama.cpp engine and models continuous batching cannot run: whole completions arriving together share one
+    left-padded `generate` call, each with its own answer."""
+    import torch
+
+    from tunesmith.finetune import load_generator
+    from tunesmith.ui.batching import Batcher
+
+    gen = load_generator(tiny_run_dir, dtype=torch.float32, continuous_batching=False)
+    batcher = Batcher(max_batch_size=4, window_s=0.2)
+    p = GenerationParams(max_new_tokens=10, temperature=0)
+    prompts = [f"question number {i} about france" for i in range(4)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda q: batcher.generate(gen, q, p).text, prompts))
+    assert got == [gen.generate(q, p).text for q in prompts]
+    assert max(batcher.batch_sizes) > 1
 
 
 @pytest.mark.parametrize(("kwargs", "error", "param"), [

@@ -1,0 +1,140 @@
+"""Continuous batching: rows that join, leave, jump the write position and outgrow the cache answer exactly as each
+prompt would alone, and concurrent callers (streams too) really share decode steps."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tunesmith.finetune.continuous import Answer, ContinuousBatcher
+from tunesmith.finetune.generate import GenerationParams, Generator, load_generator
+
+PROMPT = [{"role": "user", "content": "hello there, how are you?"}]
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_run_dir: Path) -> Generator:
+    """The reference: one `generate` call per request."""
+    return load_generator(tiny_run_dir, dtype=torch.float32, continuous_batching=False)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _alone(model: Any, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_rows_joining_and_leaving_answer_as_alone(tiny_gen: Generator) -> None:
+    """A long answer; others join mid-way: one shorter prompt, one longer than the write position (a masked gap for
+    the rows in flight), one into a finished row's slot. The cache grows past 64 positions and drops a front no row
+    reads. Every row's tokens equal that prompt decoded alone by transformers' `generate`."""
+    model = tiny_gen.model
+    batcher = ContinuousBatcher(model)
+    plan = {"a": (_prompt(10, 0), 150), "b": (_prompt(40, 1), 30), "c": (_prompt(100, 2), 40), "d": (_prompt(5, 3), 150)}
+    answers = {k: Answer(ids, n, set()) for k, (ids, n) in plan.items()}
+    joined: dict[str, int] = {}  # row count of the batch when each newcomer was submitted
+
+    def on_a(new: list[int]) -> None:
+        for key, at in (("b", 20), ("c", 40), ("d", 100)):
+            if len(new) == at:
+                joined[key] = sum(r is not None for r in batcher.rows)
+                batcher.submit(answers[key])
+
+    answers["a"].on_tokens = on_a
+    batcher.submit(answers["a"]).result()
+    for key in "bcd":
+        answers[key].done.result(timeout=60)
+    with torch.inference_mode():
+        for key, (ids, n) in plan.items():
+            assert answers[key].new == _alone(model, ids, n), key
+    assert joined == {"b": 1, "c": 2, "d": 1}  # b finished (30 tokens) before d came, so d took its slot
+    assert batcher.grown and batcher.dropped  # the cache grew, and later dropped positions nobody read
+    assert batcher.steps < batcher.rows_decoded  # steps were shared
+    assert not batcher.rows and not batcher.layers  # idle: the cache is freed
+
+
+def test_concurrent_streams_share_steps_and_answer_as_alone(tiny_gen: Generator, eager: Generator) -> None:
+    assert tiny_gen.why_no_batching is None and tiny_gen._batcher is not None
+    batcher = tiny_gen._batcher
+    prompts: list[Any] = [PROMPT, "hi", "tell me a story about a cat", "2+2?"]
+    params = [GenerationParams(max_new_tokens=n, temperature=0) for n in (40, 12, 30, 25)]
+    params[1] = GenerationParams(max_new_tokens=30, temperature=0.9, seed=5)  # its own sampler, beside greedy rows
+    params[3] = GenerationParams(max_new_tokens=25, temperature=0, presence_penalty=1.5, repetition_penalty=1.3)
+    texts: list[str] = [""] * len(prompts)
+    start = threading.Barrier(len(prompts))
+    steps, rows = batcher.steps, batcher.rows_decoded
+
+    def stream(i: int) -> None:
+        start.wait()
+        texts[i] = "".join(c.text for c in tiny_gen.stream(prompts[i], params[i]))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert texts == [eager.generate(q, p).text for q, p in zip(prompts, params)]
+    assert batcher.rows_decoded - rows > batcher.steps - steps  # streams shared decode steps
+    assert tiny_gen.batch(prompts, params[0]) == eager.batch(prompts, params[0])  # Completion for Completion
+
+
+def test_stop_strings_cancel_and_slots(tiny_run_dir: Path, eager: Generator) -> None:
+    """Two slots for five prompts; a stop string ends one row, a cancelled request ends only its own rows."""
+    gen = load_generator(tiny_run_dir, dtype=torch.float32)
+    assert gen._batcher is not None
+    gen._batcher.slots = 2
+    seen: list[int] = []
+    step = gen._batcher.step
+    gen._batcher.step = lambda **kw: (seen.append(kw["input_ids"].shape[0]), step(**kw))[1]
+    prompts: list[Any] = [PROMPT, "hi", "tell me a story about a cat", "2+2?", "ok"]
+    p = GenerationParams(max_new_tokens=30, temperature=0, stop=["e"])
+    assert gen.batch(prompts, p) == eager.batch(prompts, p)
+    assert max(seen) == 2
+    cancel = threading.Event()
+    gen._batcher.slots = 16
+    other = threading.Thread(target=lambda: out.append(gen.generate("hi", GenerationParams(max_new_tokens=60,
+                                                                                         temperature=0))))
+    out: list[Any] = []
+    stream = gen.stream(PROMPT, GenerationParams(max_new_tokens=200, temperature=0), cancel=cancel)
+    next(stream)
+    other.start()
+    cancel.set()
+    last = list(stream)[-1]
+    other.join()
+    assert last.completion is not None and last.completion.finish_reason == "cancelled"
+    assert out[0].finish_reason == "length" and out[0].text == eager.generate("hi", GenerationParams(
+        max_new_tokens=60, temperature=0)).text
+
+
+def test_what_it_cannot_batch_runs_through_generate(tiny_gen: Generator, eager: Generator) -> None:
+    """JSON schemas, logprobs and base-model answers keep one `generate` call each (no batch step runs)."""
+    assert tiny_gen._batcher is not None
+    steps = tiny_gen._batcher.steps
+    for p in (GenerationParams(max_new_tokens=8, temperature=0, logprobs=True),
+              GenerationParams(max_new_tokens=8, temperature=0, use_adapter=False),
+              GenerationParams(max_new_tokens=8, temperature=0, json_schema={"type": "object"})):
+        assert tiny_gen.generate(PROMPT, p) == eager.generate(PROMPT, p)
+    assert tiny_gen._batcher.steps == steps
+
+
+def test_an_error_reaches_every_caller_and_the_batcher_recovers(tiny_run_dir: Path) -> None:
+    gen = load_generator(tiny_run_dir, dtype=torch.float32)
+    assert gen._batcher is not None
+    step = gen._batcher.step
+
+    def broken(**kw: Any) -> Any:
+        raise RuntimeError("boom")
+
+    gen._batcher.step = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        gen.batch(["hi", "ok"], GenerationParams(max_new_tokens=5, temperature=0))
+    gen._batcher.step = step
+    assert gen.generate("hi", GenerationParams(max_new_tokens=5, temperature=0)).completion_tokens == 5
