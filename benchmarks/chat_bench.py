@@ -82,6 +82,17 @@ def _timed_stream(start: Callable[[Callable[[str], None]], None]) -> tuple[float
     return (first or end) - t0, end - (first or end), "".join(parts)
 
 
+def _concurrently(n: int, work: Callable[[int], None]) -> float:
+    """Seconds for `work(0)` .. `work(n - 1)`, each on a thread of its own, all started at once."""
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[str] | None = None,
                continuous: bool = True) -> tuple[Stream, Batch]:
     from tunesmith.finetune import GenerationParams, load_generator
@@ -110,13 +121,7 @@ def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[st
         def work(i: int) -> None:
             out[i] = "".join(c.text for c in gen.stream(_msgs(ps[i]), params(n)))
 
-        t0 = time.perf_counter()
-        ths = [threading.Thread(target=work, args=(i,)) for i in range(len(ps))]
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        return time.perf_counter() - t0, out
+        return _concurrently(len(ps), work), out
 
     return stream, batch
 
@@ -200,13 +205,7 @@ def _llamacpp(gguf: Path, tok: Any, per_slot: int, slots: int, threads: int) -> 
                 raise RuntimeError(f"llama.cpp failed on request {i} of {len(ps)}: {str(r)[:300]}")
             out[i] = r["choices"][0]["text"]
 
-        t0 = time.perf_counter()
-        ths = [threading.Thread(target=work, args=(i,)) for i in range(len(ps))]
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        return time.perf_counter() - t0, out
+        return _concurrently(len(ps), work), out
 
     return stream, batch
 

@@ -237,7 +237,7 @@ class Generator:
     # -- core ------------------------------------------------------------------------------------------------
     def _run(self, prompts: Sequence[Prompt], p: GenerationParams, cancel: threading.Event | None,
              on_tokens: Any = None) -> list[Completion]:
-        if self._batcher is not None and not p.json_schema and not p.logprobs and (p.use_adapter or not self.has_adapter):
+        if self._batched(p):
             return self._run_batched(prompts, p, cancel, on_tokens)
         enc = self._encode(prompts)
         plen = enc["input_ids"].shape[1]
@@ -266,6 +266,11 @@ class Generator:
             results.append(self._completion(prompt_ids, out[i, plen:].tolist(), p, i in watch.hit_stop,
                                             watch.cancelled, raw_logits, i))
         return results
+
+    def _batched(self, p: GenerationParams) -> bool:
+        """Whether answers with `p` decode in the continuous batch (else one `generate` call each)."""
+        return self._batcher is not None and not p.json_schema and not p.logprobs and (p.use_adapter or
+                                                                                       not self.has_adapter)
 
     def _check_prompt(self, n: int, limit: int) -> None:
         if n >= limit:
@@ -321,11 +326,15 @@ class Generator:
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams | None = None,
               cancel: threading.Event | None = None, max_batch_size: int = 16) -> list[Completion]:
-        """One left-padded `generate` call per `max_batch_size` prompts (not a thread per prompt)."""
+        """All prompts as rows of the continuous batch (its slots bound how many decode at once, and a finished row
+        takes the next prompt at once), or, where that does not apply, one left-padded `generate` call per
+        `max_batch_size` prompts; never a thread per prompt."""
         p = params or GenerationParams()
         cancel = cancel or threading.Event()
 
         def run() -> list[Completion]:
+            if self._batched(p):
+                return self._run(prompts, p, cancel)
             out: list[Completion] = []
             for i in range(0, len(prompts), max_batch_size):
                 out += self._run(prompts[i: i + max_batch_size], p, cancel)
