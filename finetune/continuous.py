@@ -16,8 +16,8 @@ How, on the model's own forward (any causal LM whose layers cache keys/values th
 - When `at` reaches the end of the cache, positions no row reads any more are dropped from the front; if there
   are none, the cache grows by `CACHE_STEP` positions. Finished rows are dropped from the batch once no request is
   waiting for their slot.
-- Sampling, penalties and stop strings are each row's own (`Answer.processors`, `Answer.stopped`): requests with
-  different parameters share a step.
+- Sampling, penalties, a JSON schema, stop strings and logprobs are each row's own (`Answer.processors`,
+  `Answer.stopped`, `Answer.raw_logits`): requests with different parameters share a step.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Answer:
     cancel: threading.Event = field(default_factory=threading.Event)
     on_tokens: Callable[[list[int]], None] | None = None
     """Called with all new tokens so far after each one (streaming)."""
+    raw_logits: list[torch.Tensor] | None = None
+    """A list to keep each step's raw logits (`[1, vocab]`, before any processor) in, for logprobs; None: not kept."""
     new: list[int] = field(default_factory=list)
     hit_stop: bool = False
     cancelled: bool = False
@@ -178,7 +180,7 @@ class ContinuousBatcher:
     # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            with cpu_share() as share, torch.inference_mode(), int8_reads():
+            with cpu_share(whole=True), torch.inference_mode(), int8_reads():
                 while True:
                     self._admit()
                     with self._lock:
@@ -188,7 +190,6 @@ class ContinuousBatcher:
                             return
                     if any(self.rows):
                         self._decode()
-                    share.update()
         except BaseException as e:  # every waiting caller gets the error, not a hang
             with self._lock:
                 pending = [r for r in self.rows if r is not None]
@@ -330,7 +331,8 @@ class ContinuousBatcher:
             if answer is None:
                 continue
             self.pos[i] += 1
-            answer.new.append(self._pick(answer, logits[i: i + 1]) if answer.processors else greedy[i])
+            answer.new.append(greedy[i] if not answer.processors and answer.raw_logits is None else
+                              self._pick(answer, logits[i: i + 1]))
             self._emit(i, answer)
 
     def _emit(self, row: int, answer: Answer) -> None:
@@ -343,6 +345,8 @@ class ContinuousBatcher:
             answer.done.set_result(answer)
 
     def _pick(self, answer: Answer, logits: torch.Tensor) -> int:
+        if answer.raw_logits is not None:
+            answer.raw_logits.append(logits.float().clone())
         if not answer.processors:
             return int(logits.argmax(dim=-1))
         ids = torch.tensor([answer.ids + answer.new], device=logits.device)

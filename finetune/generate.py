@@ -132,8 +132,8 @@ class Generator:
 
         `continuous_batching` (with `own_threads`): every answer in flight, streamed or not, is a row of one shared
         decode step that it joins and leaves at any token (finetune/continuous.py); `why_no_batching` says why
-        not (a model without a standard key/value cache, own_threads=False). JSON-schema answers, logprobs and
-        base-model answers (`use_adapter=False`) still run one `generate` call each."""
+        not (a model without a standard key/value cache, own_threads=False). Base-model answers
+        (`use_adapter=False`) still run one `generate` call each."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -269,8 +269,7 @@ class Generator:
 
     def _batched(self, p: GenerationParams) -> bool:
         """Whether answers with `p` decode in the continuous batch (else one `generate` call each)."""
-        return self._batcher is not None and not p.json_schema and not p.logprobs and (p.use_adapter or
-                                                                                       not self.has_adapter)
+        return self._batcher is not None and (p.use_adapter or not self.has_adapter)
 
     def _check_prompt(self, n: int, limit: int) -> None:
         if n >= limit:
@@ -291,13 +290,15 @@ class Generator:
         for ids in rows:
             if limit is not None:
                 self._check_prompt(len(ids), limit)
+            allowed = self._json.constraint(p.json_schema) if p.json_schema else None  # an enforcer of the row's own
             answers.append(Answer(list(ids) or [self.tokenizer.bos_token_id or 0],
                                   min(p.max_new_tokens, limit - len(ids)) if limit is not None else p.max_new_tokens,
-                                  eos, row_processors(p, len(ids), self.device), stopped, cancel, streamed))
+                                  eos, row_processors(p, len(ids), self.device, allowed), stopped, cancel, streamed,
+                                  [] if p.logprobs else None))
         done = [self._batcher.submit(a) for a in answers]
         for f in done:
             f.result()
-        return [self._completion(ids, a.new, p, a.hit_stop, a.cancelled) for ids, a in zip(rows, answers)]
+        return [self._completion(ids, a.new, p, a.hit_stop, a.cancelled, a.raw_logits) for ids, a in zip(rows, answers)]
 
     def _completion(self, prompt_ids: list[int], new: list[int], p: GenerationParams, hit_stop: bool,
                     cancelled: bool, raw_logits: Any = None, row: int = 0) -> Completion:

@@ -66,14 +66,17 @@ def generate_kwargs(p: Any, prompt_len: int) -> dict[str, Any]:
     return kw
 
 
-def row_processors(p: Any, prompt_len: int, device: torch.device) -> LogitsProcessorList:
+def row_processors(p: Any, prompt_len: int, device: torch.device, allowed: Any = None) -> LogitsProcessorList:
     """One answer's own logits processors for continuous batching (finetune/continuous.py), in `generate`'s order:
-    repetition penalty, OpenAI's penalties, then sampling (`RowSampler`, one row); empty means greedy."""
-    from transformers import RepetitionPenaltyLogitsProcessor
+    repetition penalty, the JSON schema's `allowed` tokens (a `prefix_allowed_tokens_fn`), OpenAI's penalties,
+    then sampling (`RowSampler`, one row); empty means greedy."""
+    from transformers import PrefixConstrainedLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     out = LogitsProcessorList()
     if p.repetition_penalty != 1.0:
         out.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if allowed is not None:
+        out.append(PrefixConstrainedLogitsProcessor(allowed, 1))
     out.extend(generate_kwargs(p, prompt_len).get("logits_processor", []))
     if p.temperature >= GREEDY_BELOW:
         out.append(RowSampler(1, p.temperature, p.top_p, p.top_k, p.seed, device))

@@ -134,14 +134,16 @@ _budget: list[int] = []  # [cpu threads in all, model calls running]
 class CpuShare:
     """The OpenMP team size of one running model call; `update()` follows the number of calls running."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole: bool = False) -> None:
         self.threads = 0
+        self.whole = whole
 
     def update(self) -> int:
-        """Resize this thread's team to `threads // calls running` (at least 1). Cheap: `generate` calls it at
-        every token, so a long answer shrinks its team when another request starts and grows it back after."""
+        """Resize this thread's team to `threads // calls running` (at least 1; all of them if `whole`). Cheap:
+        `generate` calls it at every token, so a long answer shrinks its team when another request starts and
+        grows it back after."""
         with _budget_lock:
-            share = max(1, _budget[0] // max(1, _budget[1]))
+            share = _budget[0] if self.whole else max(1, _budget[0] // max(1, _budget[1]))
         if share != self.threads:
             torch.set_num_threads(share)  # the calling thread's team only; calls in other threads keep theirs
             self.threads = share
@@ -149,17 +151,20 @@ class CpuShare:
 
 
 @contextlib.contextmanager
-def cpu_share() -> Iterator[CpuShare]:
+def cpu_share(whole: bool = False) -> Iterator[CpuShare]:
     """Run the body (one model call) with an equal share of the CPU threads.
 
     The total is torch's thread count when the first call starts (the cores, or what OMP_NUM_THREADS /
-    torch.set_num_threads asked for)."""
+    torch.set_num_threads asked for). `whole`: this call keeps all the threads and still counts as running, so
+    the others take their share beside it: for continuous batching's loop, whose compiled step is specialized on
+    its thread count (dynamo guards on it, as inductor's C++ sets its OpenMP team size at compile time), so a
+    resized team recompiled it mid-answer."""
     with _budget_lock:
         if not _budget:
             _budget.extend([torch.get_num_threads(), 0])
         _budget[1] += 1
     before = torch.get_num_threads()
-    share = CpuShare()
+    share = CpuShare(whole)
     share.update()
     try:
         yield share

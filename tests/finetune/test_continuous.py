@@ -114,14 +114,28 @@ def test_stop_strings_cancel_and_slots(tiny_run_dir: Path, eager: Generator) -> 
         max_new_tokens=60, temperature=0)).text
 
 
-def test_what_it_cannot_batch_runs_through_generate(tiny_gen: Generator, eager: Generator) -> None:
-    """JSON schemas, logprobs and base-model answers keep one `generate` call each (no batch step runs)."""
+def test_json_and_logprobs_rows_and_base_answers_through_generate(tiny_gen: Generator, eager: Generator) -> None:
+    """A JSON schema and logprobs are a row's own (its enforcer, its raw logits): the same answers as `generate`,
+    decoded in the batch; base-model answers keep one `generate` call each (no batch step runs)."""
     assert tiny_gen._batcher is not None
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    rows = [GenerationParams(max_new_tokens=12, temperature=0, logprobs=True, top_logprobs=2),
+            GenerationParams(max_new_tokens=30, temperature=0, json_schema=schema)]
+    for p in rows:
+        steps = tiny_gen._batcher.steps
+        got, want = tiny_gen.generate(PROMPT, p), eager.generate(PROMPT, p)
+        assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+        assert tiny_gen._batcher.steps > steps
+        if p.logprobs:
+            assert got.logprobs is not None and want.logprobs is not None and len(got.logprobs) == len(want.logprobs)
+            for g, w in zip(got.logprobs, want.logprobs):
+                assert g.token == w.token and g.logprob == pytest.approx(w.logprob, abs=1e-4)
+                assert [t for t, *_ in g.top] == [t for t, *_ in w.top]
+    json_batch = tiny_gen.batch([PROMPT, "hi", "2+2?"], rows[1])
+    assert [c.text for c in json_batch] == [c.text for c in eager.batch([PROMPT, "hi", "2+2?"], rows[1])]
     steps = tiny_gen._batcher.steps
-    for p in (GenerationParams(max_new_tokens=8, temperature=0, logprobs=True),
-              GenerationParams(max_new_tokens=8, temperature=0, use_adapter=False),
-              GenerationParams(max_new_tokens=8, temperature=0, json_schema={"type": "object"})):
-        assert tiny_gen.generate(PROMPT, p) == eager.generate(PROMPT, p)
+    base = GenerationParams(max_new_tokens=8, temperature=0, use_adapter=False)
+    assert tiny_gen.generate(PROMPT, base) == eager.generate(PROMPT, base)
     assert tiny_gen._batcher.steps == steps
 
 

@@ -112,3 +112,32 @@ def test_no_compiler_decodes_eager_and_says_why(tiny_run_dir: Path, monkeypatch:
     gen = load_generator(tiny_run_dir, dtype=torch.float32, compile_decode=True)
     assert not gen.compiled_decode and gen.why_no_compile is not None and "C++ compiler" in gen.why_no_compile
     assert gen.generate(PROMPT, GREEDY).completion_tokens > 0
+
+
+def test_a_model_call_running_beside_it_recompiles_nothing(compiled: Generator, tiny_gen: Generator) -> None:
+    """Another model call running (a base-model answer, scoring, another model) takes its CPU share beside the
+    continuous batch's loop, which keeps its team: dynamo guards on the thread count, so a loop that shrank its
+    team recompiled the step in the middle of users' answers."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    from tunesmith.finetune.sharing import cpu_share
+
+    graphs = counters["stats"]["unique_graphs"]
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_call() -> None:
+        with cpu_share():
+            inside.set()
+            leave.wait()
+
+    t = threading.Thread(target=other_call)
+    t.start()
+    inside.wait()
+    try:
+        assert compiled.generate(PROMPT, GREEDY).text == tiny_gen.generate(PROMPT, GREEDY).text
+    finally:
+        leave.set()
+        t.join()
+    assert counters["stats"]["unique_graphs"] == graphs
