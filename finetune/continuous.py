@@ -11,8 +11,9 @@ How, on the model's own forward (any causal LM whose layers cache keys/values th
 - One write position `at` shared by all rows: each step writes every row's new key/value at cache position `at`.
   A row's own token positions (RoPE) are `position_ids` of its own, so rows need not line up; a 4-D mask says
   which cache positions each row reads (`masking_utils` passes a 4-D mask through as it is).
-- A newcomer's prompt is prefilled alone (no padding) into a cache of its own, then copied into its row so that
-  it ends just before `at`. If `at` is too small for it, `at` jumps forward: the other rows get a masked gap.
+- Newcomers that arrive together are prefilled in one left-padded forward into a cache of their own, then each
+  prompt is copied into its row so that it ends just before `at`. If `at` is too small for the longest, `at` jumps
+  forward: the other rows get a masked gap.
 - When `at` reaches the end of the cache, positions no row reads any more are dropped from the front; if there
   are none, the cache grows by `CACHE_STEP` positions. Finished rows are dropped from the batch once no request is
   waiting for their slot.
@@ -234,8 +235,10 @@ class ContinuousBatcher:
         self._fit(width)  # `at` moves on if a prompt is longer than it: the other rows see a masked gap
         if not self.layers:
             self._new_layers(cache)
+        self._add_rows(len(group) - self.rows.count(None))
         for i, a in enumerate(group):
-            n, row = len(a.ids), self._row_for(a)
+            n, row = len(a.ids), self.rows.index(None)  # a finished row's mask was cleared when it ended
+            self.rows[row] = a
             self.valid[row, self.at - n: self.at] = True
             for layer, (k, v) in zip(self.layers, _kv(cache)):
                 assert layer.keys is not None and layer.values is not None
@@ -244,22 +247,12 @@ class ContinuousBatcher:
             self.pos[row] = n
         return [self._pick(a, out.logits[i: i + 1, -1]) for i, a in enumerate(group)]
 
-    def _row_for(self, answer: Answer) -> int:
-        """A free row for `answer`: a finished row's, or a new one."""
-        if None in self.rows:
-            row = self.rows.index(None)
-            self.valid[row] = False
-        else:
-            row = len(self.rows)
-            self.rows.append(None)
-            self.pos.append(0)
-            self.valid = torch.cat([self.valid, self.valid.new_zeros(1, self.valid.shape[1])])
-            for layer in self.layers:
-                assert layer.keys is not None and layer.values is not None
-                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(1, *layer.keys.shape[1:])])
-                layer.values = torch.cat([layer.values, layer.values.new_zeros(1, *layer.values.shape[1:])])
-        self.rows[row] = answer
-        return row
+    def _add_rows(self, n: int) -> None:
+        """`n` more free rows, in one copy of the cache for a whole group of newcomers (not one per newcomer)."""
+        if n > 0:
+            self.rows += [None] * n
+            self.pos += [0] * n
+            self._resize(lambda t, dim: torch.cat([t, t.new_zeros(n, *t.shape[1:])]), rows=True)
 
     def _new_layers(self, cache: DynamicCache) -> None:
         """Empty per-layer slots shaped after a prefilled cache (kv heads, head dims, dtypes of each layer)."""
@@ -290,25 +283,22 @@ class ContinuousBatcher:
             self.grown += 1
             self._resize(lambda t, dim: torch.cat([t, t.new_zeros(*t.shape[:dim], grow, *t.shape[dim + 1:])], dim))
 
-    def _resize(self, change: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
-        """The same change along the positions of the mask and of every layer's keys and values."""
-        self.valid = change(self.valid, 1)
+    def _resize(self, change: Callable[[torch.Tensor, int], torch.Tensor], rows: bool = False) -> None:
+        """The same change to the mask and every layer's keys and values, along the dimension it is given: their
+        positions, or with `rows` their rows (dimension 0 of all three)."""
+        self.valid = change(self.valid, 0 if rows else 1)
         for layer in self.layers:
             assert layer.keys is not None and layer.values is not None
-            layer.keys, layer.values = change(layer.keys, 2), change(layer.values, 2)
+            layer.keys, layer.values = change(layer.keys, 0 if rows else 2), change(layer.values, 0 if rows else 2)
 
     def _drop(self, rows: list[int]) -> None:
-        keep = torch.tensor([i for i in range(len(self.rows)) if i not in rows], dtype=torch.long)
-        self.rows = [r for i, r in enumerate(self.rows) if i not in rows]
-        self.pos = [p for i, p in enumerate(self.pos) if i not in rows]
-        self.valid = self.valid[keep]
-        if not self.rows:
+        keep = [i for i in range(len(self.rows)) if i not in rows]
+        if not keep:
             self._reset()
             return
-        for layer in self.layers:
-            assert layer.keys is not None and layer.values is not None
-            layer.keys = layer.keys.index_select(0, keep.to(layer.keys.device))
-            layer.values = layer.values.index_select(0, keep.to(layer.values.device))
+        self.rows = [self.rows[i] for i in keep]
+        self.pos = [self.pos[i] for i in keep]
+        self._resize(lambda t, dim: t.index_select(0, torch.tensor(keep, device=t.device)), rows=True)
 
     def _decode(self) -> None:
         """One token for every row."""

@@ -196,12 +196,17 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The token ids the model reads for `prompt` (its chat template applied, no special tokens added twice)."""
+        ids = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+        return list(ids)
+
     def _encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Left-padded ids and mask (left padding keeps every row's last prompt token next to its answer).
 
         Padded here, not by the tokenizer: asking a fast tokenizer to pad reconfigures its Rust object, and that
         raced with other threads' encoding ("Already borrowed") when requests came together."""
-        rows = [self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        rows = [self._prompt_ids(p) for p in prompts]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -280,7 +285,7 @@ class Generator:
                      on_tokens: Any = None) -> list[Completion]:
         """`_run` as rows of the continuous batch: each prompt unpadded, with its own sampler and penalties."""
         assert self._batcher is not None
-        rows = [self.tokenizer(self.render(q), add_special_tokens=False)["input_ids"] for q in prompts]
+        rows = [self._prompt_ids(q) for q in prompts]
         limit = context_length(self)
         cancel = cancel or threading.Event()
         eos = set(self._eos_ids())
