@@ -57,8 +57,9 @@ PROMPTS = [
 ]
 ENGINES = ("tunesmith", "tunesmith-int8", "tunesmith-compiled", "transformers", "llama.cpp")
 
-Stream = Callable[[str, int], tuple[float, float, str]]
-"""(prompt, max_new_tokens) -> (seconds to the first text, seconds after it, generated text)."""
+Stream = Callable[[list[dict[str, str]], int, bool], tuple[float, float, str]]
+"""(messages, max_new_tokens, warm) -> (seconds to the first text, seconds after it, generated text). warm: the
+engine may reuse what earlier calls computed (a chat's next turn); else the prompt is computed cold."""
 Batch = Callable[[list[str], int], tuple[float, list[str]]]
 """(prompts, max_new_tokens) -> (wall seconds, generated texts): all prompts at once."""
 
@@ -94,11 +95,12 @@ def _concurrently(n: int, work: Callable[[int], None]) -> float:
 
 
 def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[str] | None = None,
-               continuous: bool = True) -> tuple[Stream, Batch]:
+               continuous: bool = True, prefix_cache: bool = True) -> tuple[Stream, Batch]:
     from tunesmith.finetune import GenerationParams, load_generator
 
     t0 = time.perf_counter()
-    gen = load_generator(source, decode_weights=weights, compile_decode=compiled, continuous_batching=continuous)
+    gen = load_generator(source, decode_weights=weights, compile_decode=compiled, continuous_batching=continuous,
+                         prefix_cache_mib=256 if prefix_cache else 0)
     if compiled and notes is not None:
         notes.append(f"tunesmith-compiled: load + compile {time.perf_counter() - t0:.1f} s"
                      + ("" if gen.compiled_decode else f"; NOT compiled: {gen.why_no_compile}"))
@@ -106,9 +108,12 @@ def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[st
     def params(n: int) -> Any:
         return GenerationParams(max_new_tokens=n, temperature=0)
 
-    def stream(p: str, n: int) -> tuple[float, float, str]:
+    def stream(msgs: list[dict[str, str]], n: int, warm: bool) -> tuple[float, float, str]:
+        if not warm:
+            gen.clear_prefix_cache()  # cold, as llama.cpp's calls here (cache_prompt false)
+
         def start(emit: Callable[[str], None]) -> None:
-            for chunk in gen.stream(_msgs(p), params(n)):
+            for chunk in gen.stream(msgs, params(n)):
                 emit(chunk.text)
 
         return _timed_stream(start)
@@ -117,6 +122,7 @@ def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[st
         """Concurrent streamed requests, each on its own thread, as API clients and chat users send them: they
         decode as rows of one continuous batch (finetune/continuous.py)."""
         out = [""] * len(ps)
+        gen.clear_prefix_cache()  # cold: only what the concurrent prompts share (the system prompt) is reused
 
         def work(i: int) -> None:
             out[i] = "".join(c.text for c in gen.stream(_msgs(ps[i]), params(n)))
@@ -137,9 +143,9 @@ def _transformers(source: str, tok: Any, dtype: Any, device: str, run: str | Non
 
         model = PeftModel.from_pretrained(model, str(Path(run) / "adapter")).eval()
 
-    def stream(p: str, n: int) -> tuple[float, float, str]:
-        def start(emit: Callable[[str], None]) -> None:
-            text = tok.apply_chat_template(_msgs(p), tokenize=False, add_generation_prompt=True)
+    def stream(msgs: list[dict[str, str]], n: int, warm: bool) -> tuple[float, float, str]:
+        def start(emit: Callable[[str], None]) -> None:  # `warm` or not: generate computes every prompt
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             enc = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
             streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             kw = dict(**enc, streamer=streamer, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -175,24 +181,25 @@ def _parallel_server(path: Path, slots: int, per_slot: int, threads: int) -> Any
 
 def _llamacpp(gguf: Path, tok: Any, per_slot: int, slots: int, threads: int) -> tuple[Stream, Batch]:
     """Raw xllamacpp calls (no tunesmith wrapper in the timed path): the prompt rendered and tokenized with the
-    model's tokenizer exactly as for the other engines, then sent as token ids; no prompt cache between calls."""
+    model's tokenizer exactly as for the other engines, then sent as token ids; no prompt cache between calls
+    except a chat's next turn (`warm`: cache_prompt, its slot reuses the common prefix of its last prompt)."""
     from tunesmith.finetune import GenerationParams
     from tunesmith.finetune.llamacpp import LlamaCppGenerator
 
     one = LlamaCppGenerator(gguf, tok, gguf.name, n_ctx=per_slot, threads=threads)  # one slot, as tunesmith serves
     many = _parallel_server(gguf, slots, per_slot, threads)
 
-    def request(p: str, n: int) -> dict[str, Any]:  # tunesmith's own request builder: greedy is top_k=1
-        return one._request(one.render(_msgs(p)), GenerationParams(max_new_tokens=n, temperature=0),
-                            {"cache_prompt": False})
+    def request(msgs: list[dict[str, str]], n: int, warm: bool = False) -> dict[str, Any]:  # greedy is top_k=1
+        return one._request(one.render(msgs), GenerationParams(max_new_tokens=n, temperature=0),
+                            {"cache_prompt": warm})
 
-    def stream(p: str, n: int) -> tuple[float, float, str]:
+    def stream(msgs: list[dict[str, str]], n: int, warm: bool) -> tuple[float, float, str]:
         def start(emit: Callable[[str], None]) -> None:
             def on_chunk(c: dict[str, Any]) -> bool:
                 emit((c.get("choices") or [{}])[0].get("text") or "")
                 return False  # False: go on
 
-            one._server.handle_completions({**request(p, n), "stream": True}, on_chunk)
+            one._server.handle_completions({**request(msgs, n, warm), "stream": True}, on_chunk)
 
         return _timed_stream(start)
 
@@ -200,7 +207,7 @@ def _llamacpp(gguf: Path, tok: Any, per_slot: int, slots: int, threads: int) -> 
         out: list[str] = [""] * len(ps)
 
         def work(i: int) -> None:
-            r = many.handle_completions(request(ps[i], n))  # releases the GIL: the calls run side by side
+            r = many.handle_completions(request(_msgs(ps[i]), n))  # releases the GIL: the calls run side by side
             if "choices" not in r:
                 raise RuntimeError(f"llama.cpp failed on request {i} of {len(ps)}: {str(r)[:300]}")
             out[i] = r["choices"][0]["text"]
@@ -213,9 +220,10 @@ def _llamacpp(gguf: Path, tok: Any, per_slot: int, slots: int, threads: int) -> 
 def _measure(stream: Stream, batch: Batch, prompts: list[str], a: argparse.Namespace,
              count: Callable[[str], int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """One engine's single-stream and batched rows, each the fastest of `a.repeats`, after a warm-up."""
-    stream(prompts[0], a.max_new_tokens)  # warm-up: one-off allocations, kernel selection
+    stream(_msgs(prompts[0]), a.max_new_tokens, False)  # warm-up: one-off allocations, kernel selection
     batch(prompts, 2)
-    runs = min(([stream(p, a.max_new_tokens) for p in prompts[: a.stream_prompts]] for _ in range(a.repeats)),
+    runs = min(([stream(_msgs(p), a.max_new_tokens, False) for p in prompts[: a.stream_prompts]]
+                for _ in range(a.repeats)),
                key=lambda rs: sum(r[0] + r[1] for r in rs))
     tokens = [count(r[2]) for r in runs]
     secs, texts = min((batch(prompts, a.max_new_tokens) for _ in range(a.repeats)), key=lambda r: r[0])
@@ -224,6 +232,21 @@ def _measure(stream: Stream, batch: Batch, prompts: list[str], a: argparse.Names
     return ({"ttft_ms": statistics.median(r[0] for r in runs) * 1000, "tokens": sum(tokens),
              "tok_s": sum(max(t - 1, 0) for t in tokens) / max(sum(r[1] for r in runs), 1e-9)},
             {"seconds": secs, "tokens": n, "tok_s": n / secs})
+
+
+def _turns(stream: Stream, a: argparse.Namespace, count: Callable[[str], int],
+           render: Callable[[list[dict[str, str]]], str]) -> dict[str, Any]:
+    """A chat of `a.turns` user turns (PROMPTS in order), each answer appended to the conversation: every turn's
+    TTFT, its prompt tokens, and the TTFT of the last turn (the whole conversation so far, only the new turn new)."""
+    msgs: list[dict[str, str]] = []
+    ttfts, sizes = [], []
+    for i in range(a.turns):
+        msgs.append({"role": "user", "content": PROMPTS[i]})
+        first, _, text = stream(msgs, a.max_new_tokens, i > 0)
+        ttfts.append(first * 1000)
+        sizes.append(count(render(msgs)))
+        msgs.append({"role": "assistant", "content": text})
+    return {"ttft_ms": ttfts, "prompt_tokens": sizes}
 
 
 def _machine(threads: int, dtype: Any) -> str:
@@ -262,6 +285,10 @@ def main() -> None:
     ap.add_argument("--no-continuous-batching", action="store_true",
                     help="tunesmith engines without continuous batching: each request its own `generate` call "
                          "(how tunesmith served before finetune/continuous.py)")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="tunesmith engines without the prefix cache (finetune/prefixes.py): concurrent prompts do not "
+                         "share their system prompt's keys/values, a chat's next turn computes the whole conversation")
+    ap.add_argument("--turns", type=int, default=None, help="user turns of the timed chat (default 6, tiny 2)")
     ap.add_argument("--run", help="a LoRA run folder: tunesmith and transformers decode with its adapter live")
     a = ap.parse_args()
     only = [e.strip() for e in a.only.split(",") if e.strip()]
@@ -272,6 +299,9 @@ def main() -> None:
     a.max_new_tokens = a.max_new_tokens or (8 if a.tiny else 64)
     a.stream_prompts = a.stream_prompts or (1 if a.tiny else 3)
     a.repeats = a.repeats or (1 if a.tiny else 2)
+    a.turns = a.turns or (2 if a.tiny else 6)
+    if not 1 <= a.turns <= len(PROMPTS):
+        ap.error(f"--turns must be 1..{len(PROMPTS)} (the PROMPTS list), got {a.turns}")
 
     import torch
 
@@ -286,6 +316,7 @@ def main() -> None:
     notes: list[str] = []
     stream_rows: dict[str, dict[str, Any]] = {}
     batch_rows: dict[str, dict[str, Any]] = {}
+    turn_rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="chat_bench-") as d:
         if a.tiny:
             from tunesmith.finetune.tiny import build_tiny_model
@@ -303,6 +334,9 @@ def main() -> None:
         def count(text: str) -> int:
             return len(tok(text, add_special_tokens=False)["input_ids"])
 
+        def render(msgs: list[dict[str, str]]) -> str:
+            return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
         def gguf() -> Path:
             if not a.tiny:
                 return embedded_gguf_path()  # the Q4_1 file the embedded model is dequantized from
@@ -312,16 +346,17 @@ def main() -> None:
 
         longest = max(count(tok.apply_chat_template(_msgs(p), tokenize=False, add_generation_prompt=True))
                       for p in prompts)
-        per_slot = longest + a.max_new_tokens + 16
+        per_slot = max(longest + a.max_new_tokens + 16, 160 * a.turns)  # the chat: ~25 + 64 + 50 tokens a turn
         gguf_name = "tiny f16" if a.tiny else "embedded Q4_1"
-        cb = not a.no_continuous_batching
+        cb, pc = not a.no_continuous_batching, not a.no_prefix_cache
         engines: dict[str, tuple[str, str, str, Callable[[], tuple[Stream, Batch]]]] = {  # name: paths, skip, build
             "tunesmith": ("Generator.stream", f"{a.concurrency} streams at once", "",
-                          lambda: _tunesmith(ours, "exact", continuous=cb)),
+                          lambda: _tunesmith(ours, "exact", continuous=cb, prefix_cache=pc)),
             "tunesmith-int8": ('stream, decode_weights="int8"', f"{a.concurrency} streams, int8", "",
-                               lambda: _tunesmith(ours, "int8", continuous=cb)),
+                               lambda: _tunesmith(ours, "int8", continuous=cb, prefix_cache=pc)),
             "tunesmith-compiled": ('stream, int8, compile_decode=True', f"{a.concurrency} streams, int8, compiled", "",
-                                   lambda: _tunesmith(ours, "int8", compiled=True, notes=notes, continuous=cb)),
+                                   lambda: _tunesmith(ours, "int8", compiled=True, notes=notes, continuous=cb,
+                                                      prefix_cache=pc)),
             "transformers": ("generate + TextIteratorStreamer" + (" (peft)" if a.run else ""),
                              f"pipeline, batch_size {a.concurrency}", "",
                              lambda: _transformers(source, tok, dtype, device, a.run)),
@@ -334,13 +369,16 @@ def main() -> None:
             if skip:
                 notes.append(f"{name}: {skip}")
                 continue
-            stream_rows[name], batch_rows[name] = _measure(*build(), prompts, a, count)
+            stream, batch = build()
+            stream_rows[name], batch_rows[name] = _measure(stream, batch, prompts, a, count)
+            turn_rows[name] = _turns(stream, a, count, render)
             stream_rows[name]["how"], batch_rows[name]["how"] = stream_how, batch_how
             gc.collect()  # one model in memory at a time: the engine's closures are gone
 
     model = "tiny random model" if a.tiny else "SmolLM2-135M-Instruct (embedded)"
     model += f", LoRA run {a.run} (adapter live; llama.cpp: the base GGUF)" if a.run else ""
     model += ", tunesmith WITHOUT continuous batching" if a.no_continuous_batching else ""
+    model += ", tunesmith WITHOUT the prefix cache" if a.no_prefix_cache else ""
     print(f"Chat decoding, {model}, greedy, max_new_tokens={a.max_new_tokens}, best of {a.repeats}")
     print(_machine(threads, dtype))
     print(f"\nSingle stream (median TTFT over {a.stream_prompts} prompts; decode tok/s after the first text)")
@@ -355,6 +393,14 @@ def main() -> None:
              _ratio(r["tok_s"], stream_rows[k]["tok_s"]), _ratio(r["tok_s"], bref["transformers"]),
              _ratio(r["tok_s"], bref["llama.cpp"])] for k, r in batch_rows.items()]
     print(_table(["engine", "path", "seconds", "tokens", "tok/s", "batched / single", "vs HF", "vs llama.cpp"], rows))
+    print(f"\nA chat of {a.turns} turns, each answer appended (TTFT; tunesmith: its prefix cache; llama.cpp: "
+          "cache_prompt, its slot's last prompt; transformers: generate, nothing reused)")
+    last = (turn_rows.get("llama.cpp") or {}).get("ttft_ms")
+    rows = [[k, f"{r['ttft_ms'][0]:.0f}", f"{r['ttft_ms'][-1]:.0f}", str(r["prompt_tokens"][-1]),
+             " ".join(f"{t:.0f}" for t in r["ttft_ms"]), _ratio(last[-1], r["ttft_ms"][-1]) if last else "-"]
+            for k, r in turn_rows.items()]
+    print(_table(["engine", "TTFT turn 1 ms", f"TTFT turn {a.turns} ms", f"prompt tokens turn {a.turns}",
+                  "every turn ms", "last turn: llama.cpp ms / ms"], rows))
     for note in notes:
         print(f"note: {note}")
 

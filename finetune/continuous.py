@@ -17,6 +17,8 @@ How, on the model's own forward (any causal LM whose layers cache keys/values th
 - When `at` reaches the end of the cache, positions no row reads any more are dropped from the front; if there
   are none, the cache grows by `CACHE_STEP` positions. Finished rows are dropped from the batch once no request is
   waiting for their slot.
+- Prompts reuse the keys/values of earlier prompts and answers they start with (finetune/prefixes.py): a chat's
+  next turn, a shared system prompt.
 - Sampling, penalties, a JSON schema, stop strings and logprobs are each row's own (`Answer.processors`,
   `Answer.stopped`, `Answer.raw_logits`): requests with different parameters share a step.
 """
@@ -34,8 +36,11 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from tunesmith import PREFIX_CACHE_MIB
+
 from .fastdecode import CACHE_STEP
 from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
+from .prefixes import KV, PrefixCache
 from .quantize import int8_reads
 from .scoring import _cache_kw  # `cache` or `past_key_values`, as this transformers names it
 from .sharing import cpu_share
@@ -136,10 +141,13 @@ class ContinuousBatcher:
     """Runs the answers submitted to it as rows of shared decode steps, on a thread that lives while there is work.
 
     `step` is the forward that decodes (the model, or its compiled call: finetune/fastdecode.py); prompts are
-    prefilled by the model itself. `slots`: rows decoded at once; more requests wait for a free slot."""
+    prefilled by the model itself. `slots`: rows decoded at once; more requests wait for a free slot.
+    `prefix_cache_mib`: the budget of the prefix cache (`prefixes`, finetune/prefixes.py), 0 for none."""
 
-    def __init__(self, model: Any, step: Callable[..., Any] | None = None, slots: int = 16) -> None:
+    def __init__(self, model: Any, step: Callable[..., Any] | None = None, slots: int = 16,
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB) -> None:
         self.model = model
+        self.prefixes = PrefixCache(prefix_cache_mib)
         self.step = step or model
         self._cache_kw = _cache_kw(model)
         self.slots = max(1, slots)
@@ -177,6 +185,7 @@ class ContinuousBatcher:
         pair = [Answer(list(prompt), 3, set()), Answer(list(prompt) * 2, 3, set())]
         for f in [self.submit(a) for a in pair]:
             f.result()
+        self.prefixes.clear()
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -221,31 +230,68 @@ class ContinuousBatcher:
         """The prompts' keys/values into free rows, each ending just before `at`; returns their first tokens.
 
         One left-padded forward for the group, as `generate` prefills a batch: 16 prompts of ~45 tokens one by one
-        took 2.0 s here, twice the time of one padded batch (small matmuls, and per-op overhead 16 times)."""
-        width = max(len(a.ids) for a in group)
+        took 2.0 s here, twice the time of one padded batch (small matmuls, and per-op overhead 16 times). Each
+        prompt computes only what the prefix cache does not hold: its cached prefix (finetune/prefixes.py) is the
+        forward's past, right-aligned before the suffixes, so a row's past and suffix meet only through its mask."""
+        reuse = [self.prefixes.longest(a.ids) for a in group]
+        past = max(n for n, _ in reuse)
+        width = max(len(a.ids) - n for a, (n, _) in zip(group, reuse))
         device = self._device()
         ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for i, a in enumerate(group):
-            ids[i, width - len(a.ids):] = torch.tensor(a.ids)
-            mask[i, width - len(a.ids):] = 1
-        cache = DynamicCache()
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, logits_to_keep=1,
-                         position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device), **{self._cache_kw: cache})
-        self._fit(width)  # `at` moves on if a prompt is longer than it: the other rows see a masked gap
+        mask = torch.zeros(len(group), past + width, dtype=torch.long)
+        positions = torch.zeros(len(group), width, dtype=torch.long)
+        for i, (a, (n, _)) in enumerate(zip(group, reuse)):
+            s = len(a.ids) - n
+            ids[i, width - s:] = torch.tensor(a.ids[n:])
+            mask[i, past - n: past] = 1
+            mask[i, past + width - s:] = 1
+            positions[i, width - s:] = torch.arange(n, n + s)
+        cache = DynamicCache(ddp_cache_data=self._past(reuse, past)) if past else DynamicCache()
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        self._fit(max(len(a.ids) for a in group))  # `at` moves on if a prompt is longer: the rows in flight see a gap
         if not self.layers:
             self._new_layers(cache)
         self._add_rows(len(group) - self.rows.count(None))
-        for i, a in enumerate(group):
-            n, row = len(a.ids), self.rows.index(None)  # a finished row's mask was cleared when it ended
+        kv = _kv(cache)
+        for i, (a, (n, _)) in enumerate(zip(group, reuse)):
+            s = len(a.ids) - n
+            mine = [(torch.cat([k[i, :, past - n: past], k[i, :, past + width - s:]], 1),
+                     torch.cat([v[i, :, past - n: past], v[i, :, past + width - s:]], 1)) for k, v in kv]
+            row = self.rows.index(None)
             self.rows[row] = a
-            self.valid[row, self.at - n: self.at] = True
-            for layer, (k, v) in zip(self.layers, _kv(cache)):
+            self.valid[row] = False
+            self.valid[row, self.at - len(a.ids): self.at] = True
+            for layer, (k, v) in zip(self.layers, mine):
                 assert layer.keys is not None and layer.values is not None
-                layer.keys[row, :, self.at - n: self.at] = k[i, :, width - n:]
-                layer.values[row, :, self.at - n: self.at] = v[i, :, width - n:]
-            self.pos[row] = n
+                layer.keys[row, :, self.at - len(a.ids): self.at] = k
+                layer.values[row, :, self.at - len(a.ids): self.at] = v
+            self.pos[row] = len(a.ids)
+            self.prefixes.add(a.ids, mine)
         return [self._pick(a, out.logits[i: i + 1, -1]) for i, a in enumerate(group)]
+
+    def _past(self, reuse: list[tuple[int, KV | None]], past: int) -> KV:
+        """Each layer's cached prefixes for a group, `[group, kv heads, past, head dim]`, each right-aligned."""
+        layers = next(kv for _, kv in reuse if kv is not None)
+        out = []
+        for j, (k0, v0) in enumerate(layers):
+            k = k0.new_zeros(len(reuse), k0.shape[0], past, k0.shape[2])
+            v = v0.new_zeros(len(reuse), v0.shape[0], past, v0.shape[2])
+            for i, (n, kv) in enumerate(reuse):
+                if kv is not None and n:
+                    k[i, :, past - n:], v[i, :, past - n:] = kv[j][0][:, :n], kv[j][1][:, :n]
+            out.append((k, v))
+        return out
+
+    def _keep(self, row: int, answer: Answer) -> None:
+        """An ended answer's prompt and tokens into the prefix cache: a chat's next turn starts with them."""
+        fed = answer.ids + answer.new[:-1]  # the last token was never fed back
+        where = self.valid[row].nonzero()[:, 0]
+        if len(where) != len(fed):  # not one row's tokens (cannot happen; never store a wrong entry)
+            return
+        where = where.to(self._device())
+        self.prefixes.add(fed, [(layer.keys[row].index_select(1, where), layer.values[row].index_select(1, where))
+                                for layer in self.layers if layer.keys is not None and layer.values is not None])
 
     def _add_rows(self, n: int) -> None:
         """`n` more free rows, in one copy of the cache for a whole group of newcomers (not one per newcomer)."""
@@ -305,7 +351,7 @@ class ContinuousBatcher:
         self._fit(0)
         device = self._device()
         self.layers[0].at.fill_(self.at)
-        self.valid[:, self.at] = True
+        self.valid[:, self.at] = torch.tensor([r is not None for r in self.rows])  # free rows read nothing
         last = [r.new[-1] if r is not None else 0 for r in self.rows]
         ids = torch.tensor(last, device=device)[:, None]
         positions = torch.tensor(self.pos, device=device)[:, None]
@@ -330,6 +376,7 @@ class ContinuousBatcher:
         if answer.on_tokens is not None:
             answer.on_tokens(list(answer.new))
         if answer.finished():
+            self._keep(row, answer)
             self.rows[row] = None
             self.valid[row] = False
             answer.done.set_result(answer)

@@ -19,6 +19,8 @@ from typing import Any, cast
 import torch
 from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from tunesmith import PREFIX_CACHE_MIB
+
 from .constrained import JsonVocab
 from .continuous import Answer, ContinuousBatcher
 from .continuous import why_not as why_not_batched
@@ -116,7 +118,8 @@ class Generator:
     """Generation over a loaded run. Thread-safe; create one per model and share it."""
 
     def __init__(self, loaded: LoadedRun, decode_weights: str = "exact", own_threads: bool = True,
-                 compile_decode: bool = False, continuous_batching: bool = True) -> None:
+                 compile_decode: bool = False, continuous_batching: bool = True,
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB) -> None:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
         ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact.
 
@@ -133,7 +136,8 @@ class Generator:
         `continuous_batching` (with `own_threads`): every answer in flight, streamed or not, is a row of one shared
         decode step that it joins and leaves at any token (finetune/continuous.py); `why_no_batching` says why
         not (a model without a standard key/value cache, own_threads=False). Base-model answers
-        (`use_adapter=False`) still run one `generate` call each."""
+        (`use_adapter=False`) still run one `generate` call each. Its prompts reuse the keys/values of earlier
+        prompts and answers they start with, kept within `prefix_cache_mib` (finetune/prefixes.py; 0: none)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -153,7 +157,8 @@ class Generator:
         if self.why_no_compile is None:
             self._compiled = CompiledDecode(self.model)
         if self.why_no_batching is None:
-            self._batcher = ContinuousBatcher(self.model, self._compiled.step() if self._compiled else None)
+            self._batcher = ContinuousBatcher(self.model, self._compiled.step() if self._compiled else None,
+                                              prefix_cache_mib=prefix_cache_mib)
             if self._compiled is not None:
                 self._batcher.warm_up(self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0])
         elif self._compiled is not None:
@@ -168,6 +173,11 @@ class Generator:
     @property
     def continuous_batching(self) -> bool:
         return self._batcher is not None
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the keys/values kept for reuse (a benchmark's cold prompts; memory back)."""
+        if self._batcher is not None:
+            self._batcher.prefixes.clear()
 
     @property
     def device(self) -> torch.device:
@@ -450,13 +460,14 @@ ENGINES = ("transformers", "llama.cpp")
 
 
 def load_generator(source: str | Path, engine: str = "transformers", decode_weights: str = "exact",
-                   compile_decode: bool = False, continuous_batching: bool = True, **kw: Any) -> Generator:
+                   compile_decode: bool = False, continuous_batching: bool = True,
+                   prefix_cache_mib: int = PREFIX_CACHE_MIB, **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id.
 
     `engine="llama.cpp"` serves a run through its exported GGUF (exported on first use, finetune/llamacpp.py): the
     same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers.
-    `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU); `compile_decode`, `continuous_batching`: see
-    `Generator`."""
+    `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU); `compile_decode`, `continuous_batching`,
+    `prefix_cache_mib`: see `Generator`."""
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp
 
@@ -464,4 +475,5 @@ def load_generator(source: str | Path, engine: str = "transformers", decode_weig
     if engine != "transformers":
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
     return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights, compile_decode=compile_decode,
-                                           continuous_batching=continuous_batching))  # see Generator's own_threads
+                                           continuous_batching=continuous_batching,
+                                           prefix_cache_mib=prefix_cache_mib))  # see Generator's own_threads

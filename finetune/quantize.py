@@ -5,8 +5,9 @@ Measured on an idle 2-core Xeon (AMX): one pass over SmolLM2-135M's bf16 linear 
 ~26 tokens/s before any other work; the same pass over int8 weights with per-output-channel scales
 (`torch.ops.aten._weight_int8pack_mm`, torch's weight-only int8 kernel, the one gpt-fast uses on CPU) takes ~17 ms.
 That kernel only wins for a few rows at a time (1 row 3.8x, 4 rows 2.3x, 16 rows 0.6x of bf16 `linear`), so the
-layer keeps its original weight too: prompts (prefill), batched decode and training read the exact weights; only
-calls of at most `max_rows(dtype)` rows read the int8 copy. That costs half the linear weights' size again in memory.
+layer keeps its original weight too: long prompts (prefill), large batches and training read the exact weights;
+only calls of at most `max_rows(dtype)` rows (tokens) read the int8 copy. That costs half the linear weights' size
+again in memory.
 
 For an fp32 model (CPUs without fast bf16 get one, see `model.pick_dtype`) torch's kernel is slow: its fp32 path is
 scalar, its bf16 one compute-bound. There the int8 weights are read by tunesmith's own AVX2 kernel
@@ -34,8 +35,13 @@ from . import int8cpu
 INT8_MAX_ROWS = 4
 """Rows (tokens in the call, summed over the batch) up to which the int8 kernel beats bf16 `linear` (measured)."""
 INT8_MAX_ROWS_FP32 = 16
-"""The same for an fp32 model (int8 on bf16 activations vs fp32 `linear`, the AVX2 EPYC above, 10 layers' linears:
-1 row 2.7x, 4 rows 3.8x, 8 rows 2.0x, 16 rows 1.3x, 32 rows 1.1x, 64 rows 0.7x): 16 concurrent answers decode int8."""
+"""The same for an fp32 model read by torch's kernel (int8 on bf16 activations vs fp32 `linear`, the AVX2 EPYC above,
+10 layers' linears: 1 row 2.7x, 4 rows 3.8x, 8 rows 2.0x, 16 rows 1.3x, 32 rows 1.1x, 64 rows 0.7x)."""
+INT8_MAX_ROWS_AVX2 = 64
+"""The same for an fp32 model read by tunesmith's AVX2 kernel (finetune/int8cpu.py). SmolLM2-135M's whole forward
+over one prompt of N tokens, int8 vs fp32 `linear`, the AVX2 EPYC above: 17 tokens 1.84x (fp32 `linear` is slow for
+17-24 rows there), 24 1.58x, 32 1.43x, 48 1.26x, 64 1.14x, 96 1.05x, 128 0.86x. So a chat's next turn (its earlier
+turns reused from the prefix cache, finetune/prefixes.py) prefills its few new tokens int8 too."""
 
 DECODE_WEIGHTS = ("auto", "exact", "int8")
 
@@ -75,16 +81,19 @@ def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return (int8cpu.pack(q) if dtype == torch.float32 else q), scale
 
 
-def max_rows(dtype: torch.dtype) -> int:
-    """Rows up to which a model of `dtype` decodes from its int8 copy."""
-    return INT8_MAX_ROWS_FP32 if dtype == torch.float32 else INT8_MAX_ROWS
+def max_rows(dtype: torch.dtype, kernel: torch.dtype | None = None) -> int:
+    """Rows up to which a model of `dtype` reads its int8 copy; `kernel`: the copy's scale dtype, fp32 where
+    tunesmith's AVX2 kernel reads it (`kernel_dtype`)."""
+    if dtype != torch.float32:
+        return INT8_MAX_ROWS
+    return INT8_MAX_ROWS_AVX2 if kernel == torch.float32 else INT8_MAX_ROWS_FP32
 
 
 def _reads_int8(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """A call of a few rows, inside generation, no grad, in the dtype the copy was made for (a model cast after
     quantizing reads its exact weights)."""
     fits = scale.dtype == x.dtype or (x.dtype == torch.float32 and scale.dtype == torch.bfloat16)
-    return (x.numel() // x.shape[-1] <= max_rows(x.dtype) and getattr(_local, "on", False)
+    return (x.numel() // x.shape[-1] <= max_rows(x.dtype, scale.dtype) and getattr(_local, "on", False)
             and not torch.is_grad_enabled() and fits)
 
 
@@ -125,7 +134,7 @@ class Int8DecodeLinear(torch.nn.Module):
         return _int8_linear(x, self.qweight, self.qscale, self.bias)
 
     def extra_repr(self) -> str:
-        rows = max_rows(self.weight.dtype)
+        rows = max_rows(self.weight.dtype, self.qscale.dtype)
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 up to {rows} rows"
 
 

@@ -28,12 +28,18 @@ def lazy_exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:
 
 
 DECODE_WEIGHTS_HELP = ("transformers engine: auto (default) decodes from int8 copies of the weights on a CPU (about "
-                       "1.6x the tokens/s, answers very close to exact; prompts and scoring stay exact), exact elsewhere")
+                       "1.6x the tokens/s, answers very close to exact; long prompts and scoring stay exact), exact elsewhere")
 """One help text for `tunesmith chat|serve|ui --decode-weights` (finetune/quantize.py has the measurements)."""
 COMPILE_DECODE_HELP = ("transformers engine: decode answers (single and batched) through a compiled step over a static "
                        "KV cache (CPU: ~1.9x the tokens/s of one int8 stream); compiled while the model loads: ~30 s, "
                        "~2.5 min the first time")
 """One help text for `tunesmith chat|serve|ui --compile-decode` (finetune/fastdecode.py has the measurements)."""
+PREFIX_CACHE_MIB = 256
+"""The prefix cache's default budget (finetune/prefixes.py): ~5,700 tokens of SmolLM2-135M in fp32 (46 KiB a token),
+~4,600 of a Qwen2.5-7B-shaped model in bf16 (56 KiB a token). Here, not in finetune, so the CLI's help needs no torch."""
+PREFIX_CACHE_HELP = ("transformers engine: memory (MiB) for keys/values of recent prompts and answers, reused by the "
+                     "next prompt that starts with them: a chat's next turn, a shared system prompt (0: off)")
+"""One help text for `tunesmith chat|serve|ui --prefix-cache-mib` (finetune/prefixes.py)."""
 
 
 EXTRAS: dict[str, tuple[str, ...]] = {

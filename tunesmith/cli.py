@@ -8,7 +8,15 @@ import os
 import sys
 from typing import Any
 
-from tunesmith import COMPILE_DECODE_HELP, DECODE_WEIGHTS_HELP, MissingExtraError, extra_of, require_extra
+from tunesmith import (
+    COMPILE_DECODE_HELP,
+    DECODE_WEIGHTS_HELP,
+    PREFIX_CACHE_HELP,
+    PREFIX_CACHE_MIB,
+    MissingExtraError,
+    extra_of,
+    require_extra,
+)
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -87,7 +95,8 @@ def _chat(a: argparse.Namespace) -> int:
     if a.base and a.engine == "llama.cpp":
         print("error: --base needs --engine transformers: the llama.cpp engine serves the merged model.", file=sys.stderr)
         return 2
-    kw = {"decode_weights": a.decode_weights, "compile_decode": a.compile_decode} if a.engine == "transformers" else {}
+    kw = {"decode_weights": a.decode_weights, "compile_decode": a.compile_decode,
+          "prefix_cache_mib": a.prefix_cache_mib} if a.engine == "transformers" else {}
     gen = load_generator(a.run, engine=a.engine, **kw)
     params = GenerationParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                               repetition_penalty=a.repetition_penalty, use_adapter=not a.base)
@@ -238,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama.cpp: serve the run's GGUF (exported on first use) through the xllamacpp wheel")
     c.add_argument("--decode-weights", choices=["auto", "exact", "int8"], default="auto", help=DECODE_WEIGHTS_HELP)
     c.add_argument("--compile-decode", action="store_true", help=COMPILE_DECODE_HELP)
+    c.add_argument("--prefix-cache-mib", type=int, default=PREFIX_CACHE_MIB, metavar="MIB", help=PREFIX_CACHE_HELP)
     c.set_defaults(func=_chat)
 
     d = sub.add_parser("data", help="inspect training data")

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tunesmith import PREFIX_CACHE_MIB
 from tunesmith.finetune import GenerationParams, Generator, ModelLoadError, is_run_dir, load_generator, resolve_source
 
 BASE_SUFFIX = ":base"
@@ -46,7 +47,8 @@ class ModelPool:
     """
 
     def __init__(self, runs_dir: str | Path = "runs", default: str = "embedded", max_loaded: int = 2,
-                 engine: str = "transformers", decode_weights: str = "exact", compile_decode: bool = False) -> None:
+                 engine: str = "transformers", decode_weights: str = "exact", compile_decode: bool = False,
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB) -> None:
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.engine = engine
         """`transformers` or `llama.cpp` (finetune's load_generator): every model of this pool is served by it."""
@@ -54,6 +56,8 @@ class ModelPool:
         """transformers engine: "exact", "int8" or "auto" (int8 on a CPU), see finetune's `Generator`."""
         self.compile_decode = compile_decode
         """transformers engine: single streams decode through a compiled step (compiled when a model loads)."""
+        self.prefix_cache_mib = prefix_cache_mib
+        """transformers engine: each model's prefix cache budget (finetune/prefixes.py), 0 for none."""
         self.max_loaded = max(1, max_loaded)
         self.extra: dict[str, str] = {}
         """name -> source for models named on the command line (trusted: the operator typed them)."""
@@ -145,7 +149,8 @@ class ModelPool:
     def _load(self, choice: ModelChoice) -> Generator:
         """load_generator, with what goes wrong while loading said in words the user can act on."""
         try:
-            kw = ({"decode_weights": self.decode_weights, "compile_decode": self.compile_decode}
+            kw = ({"decode_weights": self.decode_weights, "compile_decode": self.compile_decode,
+                   "prefix_cache_mib": self.prefix_cache_mib}
                   if self.engine == "transformers" else {"engine": self.engine})
             return load_generator(choice.source, **kw)
         except (ModelLoadError, OSError, ValueError) as e:  # HFValidationError: a folder gone mid-load reads as a hub id

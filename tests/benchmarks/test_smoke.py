@@ -47,17 +47,19 @@ def test_chat_bench_tiny_prints_every_engine_in_both_tables():
         engines.append("llama.cpp")  # the tiny model exported to a tiny f16 GGUF
     else:
         assert "note: llama.cpp: skipped: xllamacpp is not installed" in out
-    single, many = _rows(head.split("Single stream")[1]), _rows(batched)
-    assert list(single) == engines and list(many) == engines, out
+    batched, _, turns = batched.partition("\nA chat of 2 turns")
+    single, many, chat = _rows(head.split("Single stream")[1]), _rows(batched), _rows(turns)
+    assert list(single) == engines and list(many) == engines and list(chat) == engines, out
     assert single["transformers"][3] == "1.00x"  # decode tok/s vs HF of the HF row itself
     assert all(r[4].endswith("x") for r in many.values())  # batched / single-stream for every engine
+    assert all(len(r[3].split()) == 2 and int(r[2]) > 0 for r in chat.values())  # TTFT of both turns, prompt tokens
 
 
 def test_chat_bench_only_reruns_one_engine():
     out = _run("chat_bench.py", "--only", "tunesmith-int8", "--concurrency", "4")
     single = _rows(out.partition("Batched:")[0].split("Single stream")[1])
     assert list(single) == ["tunesmith-int8"] and single["tunesmith-int8"][3:5] == ["-", "-"], out
-    assert list(_rows(out.partition("Batched:")[2])) == ["tunesmith-int8"]
+    assert list(_rows(out.partition("Batched:")[2].partition("\nA chat of")[0])) == ["tunesmith-int8"]
 
 
 def test_api_latency_tiny_prints_table():
