@@ -25,6 +25,7 @@ How, on the model's own forward (any causal LM whose layers cache keys/values th
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -142,11 +143,16 @@ class ContinuousBatcher:
 
     `step` is the forward that decodes (the model, or its compiled call: finetune/fastdecode.py); prompts are
     prefilled by the model itself. `slots`: rows decoded at once; more requests wait for a free slot.
-    `prefix_cache_mib`: the budget of the prefix cache (`prefixes`, finetune/prefixes.py), 0 for none."""
+    `prefix_cache_mib`: the budget of the prefix cache (`prefixes`, finetune/prefixes.py), 0 for none; `hold`: see
+    `self.hold`."""
 
     def __init__(self, model: Any, step: Callable[..., Any] | None = None, slots: int = 16,
-                 prefix_cache_mib: int = PREFIX_CACHE_MIB) -> None:
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB,
+                 hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
         self.model = model
+        self.hold = hold or contextlib.nullcontext
+        """Entered around each step (prefill, decode): the adapter switch's shared side (`sharing.AdapterSwitch`),
+        so that a base-model answer that switches the adapter off for everyone waits between steps."""
         self.prefixes = PrefixCache(prefix_cache_mib)
         self.step = step or model
         self._cache_kw = _cache_kw(model)
@@ -192,14 +198,16 @@ class ContinuousBatcher:
         try:
             with cpu_share(whole=True), torch.inference_mode(), int8_reads():
                 while True:
-                    self._admit()
+                    with self.hold():
+                        self._admit()
                     with self._lock:
                         if not any(self.rows) and self._waiting.empty():
                             self._running = False
                             self._reset()
                             return
                     if any(self.rows):
-                        self._decode()
+                        with self.hold():
+                            self._decode()
         except BaseException as e:  # every waiting caller gets the error, not a hang
             with self._lock:
                 pending = [r for r in self.rows if r is not None]

@@ -158,7 +158,7 @@ class Generator:
             self._compiled = CompiledDecode(self.model)
         if self.why_no_batching is None:
             self._batcher = ContinuousBatcher(self.model, self._compiled.step() if self._compiled else None,
-                                              prefix_cache_mib=prefix_cache_mib)
+                                              prefix_cache_mib=prefix_cache_mib, hold=lambda: self._adapter.use(True))
             if self._compiled is not None:
                 self._batcher.warm_up(self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0])
         elif self._compiled is not None:

@@ -91,6 +91,41 @@ def test_dora_falls_back_to_the_lock(tiny_model_dir):
     assert not any(m.disable_adapters for m in layers)
 
 
+def test_dora_run_base_answers_wait_for_the_batch_step(tiny_model_dir, tmp_path):
+    """A run that switches its adapter off for everyone (DoRA: no per-call switch): the continuous batch holds the
+    switch's shared side around each step, so a base answer never runs while tuned rows decode (they would decode,
+    and fill the prefix cache, without the adapter)."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.finetune.generate import load_generator
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    run = tmp_path / "dora-run"
+    model.save_pretrained(str(run / "adapter"))
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(run / "tokenizer")
+    (run / "config.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model_dir), "output_dir": str(run)}))
+    gen = load_generator(run, dtype=torch.float32)
+    assert not gen._adapter.per_call and gen.continuous_batching
+    tuned, base = (GenerationParams(max_new_tokens=n, temperature=0, use_adapter=a) for n, a in ((150, True),
+                                                                                                  (40, False)))
+    tuned_alone, base_alone = gen.generate(MSG, tuned).text, gen.generate(MSG, base).text
+    gen.clear_prefix_cache()
+    assert tuned_alone != base_alone
+    for _ in range(3):
+        stream = gen.stream(MSG, tuned)
+        next(stream)  # the tuned answer is under way in the batch
+        assert gen.generate(MSG, base).text == base_alone
+        assert list(stream)[-1].completion.text == tuned_alone
+
+
 def test_waiting_writer_goes_before_new_readers():
     lock, order = _RWLock(), []
     lock.acquire(exclusive=False)  # a reader holds it
