@@ -119,7 +119,7 @@ class Generator:
 
     def __init__(self, loaded: LoadedRun, decode_weights: str = "exact", own_threads: bool = True,
                  compile_decode: bool = False, continuous_batching: bool = True,
-                 prefix_cache_mib: int = PREFIX_CACHE_MIB) -> None:
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16) -> None:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
         ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact.
 
@@ -137,7 +137,9 @@ class Generator:
         decode step that it joins and leaves at any token (finetune/continuous.py); `why_no_batching` says why
         not (a model without a standard key/value cache, own_threads=False). Base-model answers
         (`use_adapter=False`) still run one `generate` call each. Its prompts reuse the keys/values of earlier
-        prompts and answers they start with, kept within `prefix_cache_mib` (finetune/prefixes.py; 0: none)."""
+        prompts and answers they start with, kept within `prefix_cache_mib` (finetune/prefixes.py; 0: none).
+        `batch_slots`: answers decoded at once (rows of the step); more wait for a free row. On a CPU 16 rows are
+        already compute-bound; a GPU serving many users wants more (`serve --concurrency` sets it)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -158,7 +160,8 @@ class Generator:
             self._compiled = CompiledDecode(self.model)
         if self.why_no_batching is None:
             self._batcher = ContinuousBatcher(self.model, self._compiled.step() if self._compiled else None,
-                                              prefix_cache_mib=prefix_cache_mib, hold=lambda: self._adapter.use(True))
+                                              slots=batch_slots, prefix_cache_mib=prefix_cache_mib,
+                                              hold=lambda: self._adapter.use(True))
             if self._compiled is not None:
                 self._batcher.warm_up(self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0])
         elif self._compiled is not None:
@@ -461,13 +464,13 @@ ENGINES = ("transformers", "llama.cpp")
 
 def load_generator(source: str | Path, engine: str = "transformers", decode_weights: str = "exact",
                    compile_decode: bool = False, continuous_batching: bool = True,
-                   prefix_cache_mib: int = PREFIX_CACHE_MIB, **kw: Any) -> Generator:
+                   prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16, **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id.
 
     `engine="llama.cpp"` serves a run through its exported GGUF (exported on first use, finetune/llamacpp.py): the
     same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers.
     `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU); `compile_decode`, `continuous_batching`,
-    `prefix_cache_mib`: see `Generator`."""
+    `prefix_cache_mib`, `batch_slots`: see `Generator`."""
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp
 
@@ -476,4 +479,4 @@ def load_generator(source: str | Path, engine: str = "transformers", decode_weig
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
     return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights, compile_decode=compile_decode,
                                            continuous_batching=continuous_batching,
-                                           prefix_cache_mib=prefix_cache_mib))  # see Generator's own_threads
+                                           prefix_cache_mib=prefix_cache_mib, batch_slots=batch_slots))  # see Generator's own_threads

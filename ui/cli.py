@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
                    help="interface to bind; 0.0.0.0 exposes it to your network (use --auth / --api-key then)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--concurrency", type=int, default=16,
-                   help="generations running at once (rows of one shared decode step); others queue")
+                   help="generations running at once (rows of one shared decode step per model); others queue")
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory at once (least recent dropped)")
     p.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
                    help="llama.cpp: serve runs through their GGUF (exported on first use; needs xllamacpp)")
@@ -35,7 +35,7 @@ def _pool(a: argparse.Namespace) -> ModelPool:  # imported lazily so `tunesmith 
 
     return ModelPool(a.runs_dir, default=a.run, max_loaded=a.max_loaded, engine=a.engine,
                      decode_weights=a.decode_weights, compile_decode=a.compile_decode,
-                     prefix_cache_mib=a.prefix_cache_mib)
+                     prefix_cache_mib=a.prefix_cache_mib, batch_slots=a.concurrency)
 
 
 def _parse_auth(value: str) -> tuple[str, str]:

@@ -48,7 +48,7 @@ class ModelPool:
 
     def __init__(self, runs_dir: str | Path = "runs", default: str = "embedded", max_loaded: int = 2,
                  engine: str = "transformers", decode_weights: str = "exact", compile_decode: bool = False,
-                 prefix_cache_mib: int = PREFIX_CACHE_MIB) -> None:
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16) -> None:
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.engine = engine
         """`transformers` or `llama.cpp` (finetune's load_generator): every model of this pool is served by it."""
@@ -58,6 +58,8 @@ class ModelPool:
         """transformers engine: single streams decode through a compiled step (compiled when a model loads)."""
         self.prefix_cache_mib = prefix_cache_mib
         """transformers engine: each model's prefix cache budget (finetune/prefixes.py), 0 for none."""
+        self.batch_slots = batch_slots
+        """transformers engine: answers each model decodes at once (rows of its continuous batch)."""
         self.max_loaded = max(1, max_loaded)
         self.extra: dict[str, str] = {}
         """name -> source for models named on the command line (trusted: the operator typed them)."""
@@ -150,7 +152,7 @@ class ModelPool:
         """load_generator, with what goes wrong while loading said in words the user can act on."""
         try:
             kw = ({"decode_weights": self.decode_weights, "compile_decode": self.compile_decode,
-                   "prefix_cache_mib": self.prefix_cache_mib}
+                   "prefix_cache_mib": self.prefix_cache_mib, "batch_slots": self.batch_slots}
                   if self.engine == "transformers" else {"engine": self.engine})
             return load_generator(choice.source, **kw)
         except (ModelLoadError, OSError, ValueError) as e:  # HFValidationError: a folder gone mid-load reads as a hub id
