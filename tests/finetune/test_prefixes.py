@@ -7,20 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from test_continuous import _alone, _prompt  # tests/finetune is on sys.path (pytest's rootdir-relative import)
 
 from tunesmith.finetune.continuous import Answer, ContinuousBatcher
 from tunesmith.finetune.generate import GenerationParams, Generator
 from tunesmith.finetune.prefixes import PrefixCache
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _alone(model: Any, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
