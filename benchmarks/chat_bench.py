@@ -96,11 +96,12 @@ def _concurrently(n: int, work: Callable[[int], None]) -> float:
 
 def _tunesmith(source: str, weights: str, compiled: bool = False, notes: list[str] | None = None,
                continuous: bool = True, prefix_cache: bool = True) -> tuple[Stream, Batch]:
+    from tunesmith import PREFIX_CACHE_MIB
     from tunesmith.finetune import GenerationParams, load_generator
 
     t0 = time.perf_counter()
     gen = load_generator(source, decode_weights=weights, compile_decode=compiled, continuous_batching=continuous,
-                         prefix_cache_mib=256 if prefix_cache else 0)
+                         prefix_cache_mib=PREFIX_CACHE_MIB if prefix_cache else 0)
     if compiled and notes is not None:
         notes.append(f"tunesmith-compiled: load + compile {time.perf_counter() - t0:.1f} s"
                      + ("" if gen.compiled_decode else f"; NOT compiled: {gen.why_no_compile}"))

@@ -266,9 +266,8 @@ class ContinuousBatcher:
             s = len(a.ids) - n
             mine = [(torch.cat([k[i, :, past - n: past], k[i, :, past + width - s:]], 1),
                      torch.cat([v[i, :, past - n: past], v[i, :, past + width - s:]], 1)) for k, v in kv]
-            row = self.rows.index(None)
+            row = self.rows.index(None)  # a free row reads nothing: cleared when it ended, never set by `_decode`
             self.rows[row] = a
-            self.valid[row] = False
             self.valid[row, self.at - len(a.ids): self.at] = True
             for layer, (k, v) in zip(self.layers, mine):
                 assert layer.keys is not None and layer.values is not None
@@ -293,6 +292,8 @@ class ContinuousBatcher:
 
     def _keep(self, row: int, answer: Answer) -> None:
         """An ended answer's prompt and tokens into the prefix cache: a chat's next turn starts with them."""
+        if not self.prefixes.on:  # no copy of the row's keys/values for a cache that keeps nothing
+            return
         fed = answer.ids + answer.new[:-1]  # the last token was never fed back
         where = self.valid[row].nonzero()[:, 0]
         if len(where) != len(fed):  # not one row's tokens (cannot happen; never store a wrong entry)

@@ -38,6 +38,11 @@ class PrefixCache:
         self.reused = 0
 
     @property
+    def on(self) -> bool:
+        """Whether this cache keeps anything (a budget of 0 turns it off)."""
+        return self.budget > 0
+
+    @property
     def nbytes(self) -> int:
         with self._lock:
             return sum(size for _, _, size in self._entries.values())
@@ -52,7 +57,7 @@ class PrefixCache:
     def longest(self, ids: list[int]) -> tuple[int, KV | None]:
         """How many leading tokens of `ids` (at most all but the last) an entry holds, and that entry's
         keys/values (to slice to that many)."""
-        if self.budget <= 0 or len(ids) < 2:
+        if not self.on or len(ids) < 2:
             return 0, None
         query = torch.tensor(ids[:-1])
         best, found, key = 0, None, None
@@ -70,7 +75,7 @@ class PrefixCache:
 
     def add(self, ids: list[int], kv: KV) -> None:
         """Keep `ids`' keys/values (`kv` covers exactly `ids`); superseded and least recently used entries go."""
-        if self.budget <= 0 or not ids:
+        if not self.on or not ids:
             return
         tokens = torch.tensor(ids)
         size = sum(k.nbytes + v.nbytes for k, v in kv)
