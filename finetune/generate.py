@@ -121,7 +121,7 @@ class Generator:
                  compile_decode: bool = False, continuous_batching: bool = True,
                  prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16) -> None:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
-        ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); prompts and scoring stay exact.
+        ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); long prompts and scoring stay exact.
 
         `compile_decode`: answers decode through a compiled step (finetune/fastdecode.py; ~2x the tokens/s of int8
         eager decoding on a CPU for one prompt, ~1.2x for 16 at once); compiled here, before the first answer
