@@ -19,6 +19,9 @@ How, on the model's own forward (any causal LM whose layers cache keys/values th
   waiting for their slot.
 - Prompts reuse the keys/values of earlier prompts and answers they start with (finetune/prefixes.py): a chat's
   next turn, a shared system prompt.
+- While rows decode, a prefill forward computes at most `prefill_chunk` prompt tokens; a longer prompt is prefilled
+  over several forwards with a decode step between each (vLLM's chunked prefill), so a long prompt arriving does
+  not stall the answers in flight for its whole prefill.
 - Sampling, penalties, a JSON schema, stop strings and logprobs are each row's own (`Answer.processors`,
   `Answer.stopped`, `Answer.raw_logits`): requests with different parameters share a step.
 """
@@ -47,7 +50,18 @@ from .scoring import _cache_kw  # `cache` or `past_key_values`, as this transfor
 from .sharing import cpu_share
 
 PREFILL_TOKENS = 8192
-"""Newcomers prefilled in one forward at most (their padded width times their number, at least one prompt)."""
+"""Prompt tokens one prefill forward computes at most when no row is decoding (padded width times newcomers); a
+longer prompt is prefilled in chunks of this size (attention over a whole long prompt at once needs its memory)."""
+PREFILL_CHUNK_CPU = 256
+"""The same while rows decode (their next token waits for the prefill forward), on a CPU. SmolLM2-135M, compiled
+int8 decode, 8 streams, a 2,031-token prompt arriving, on the 2-core AVX2 EPYC (benchmarks/long_prompt.py, medians
+of 3 rounds): its prefill in one forward held the streams' next token for 6.3 s; in chunks of 128 / 256 / 512
+tokens for 0.8 / 1.1 / 2.1 s, the prompt's own first token coming 1.43x / 1.18x / 1.11x later (one forward is the
+fastest way through a prompt: alone, 4.6 s whole, 5.4 s in chunks of 256). 256 halves the wait of 512 for little
+more than half its slowdown."""
+PREFILL_CHUNK_GPU = 2048
+"""The same on a GPU, where a forward of a few thousand tokens costs little more than a decode step (vLLM's default
+budget for chunked prefill; not measured here)."""
 
 
 @dataclass(eq=False)
@@ -78,6 +92,10 @@ class Answer:
         elif self.stopped is not None and self.stopped(self.new):
             self.hit_stop = True
         return self.cancelled or self.hit_stop or len(self.new) >= self.max_new_tokens or self.new[-1] in self.eos
+
+
+_Newcomer = tuple[Answer, int, KV | None]
+"""A prompt waiting for its slot: the answer, how many of its leading tokens are computed, and their keys/values."""
 
 
 class _Slots(CacheLayerMixin):
@@ -144,12 +162,16 @@ class ContinuousBatcher:
     `step` is the forward that decodes (the model, or its compiled call: finetune/fastdecode.py); prompts are
     prefilled by the model itself. `slots`: rows decoded at once; more requests wait for a free slot.
     `prefix_cache_mib`: the budget of the prefix cache (`prefixes`, finetune/prefixes.py), 0 for none; `hold`: see
-    `self.hold`."""
+    `self.hold`; `prefill_chunk`: prompt tokens a prefill forward computes at most while rows decode (None:
+    PREFILL_CHUNK_CPU or PREFILL_CHUNK_GPU)."""
 
     def __init__(self, model: Any, step: Callable[..., Any] | None = None, slots: int = 16,
                  prefix_cache_mib: int = PREFIX_CACHE_MIB,
-                 hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+                 hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+                 prefill_chunk: int | None = None) -> None:
         self.model = model
+        self.prefill_chunk = max(1, prefill_chunk or (PREFILL_CHUNK_CPU if self._device().type == "cpu" else
+                                                      PREFILL_CHUNK_GPU))
         self.hold = hold or contextlib.nullcontext
         """Entered around each step (prefill, decode): the adapter switch's shared side (`sharing.AdapterSwitch`),
         so that a base-model answer that switches the adapter off for everyone waits between steps."""
@@ -164,6 +186,11 @@ class ContinuousBatcher:
         """Times the cache grew, and `dropped` times it dropped positions no row read any more (tests)."""
         self.dropped = 0
         self._waiting: queue.Queue[Answer] = queue.Queue()
+        self._next: _Newcomer | None = None
+        """First in line for a slot: taken from `_waiting` but not prefilled yet, or prefilled in part (chunks)."""
+        self._cut: Answer | None = None  # the prompt `_next` holds in part, until `_make_room` made room for it
+        self.chunks = 0
+        """Prefill forwards that computed part of a prompt (tests, benchmarks)."""
         self._lock = threading.Lock()
         self._running = False
         self._reset()
@@ -201,7 +228,7 @@ class ContinuousBatcher:
                     with self.hold():
                         self._admit()
                     with self._lock:
-                        if not any(self.rows) and self._waiting.empty():
+                        if not any(self.rows) and self._waiting.empty() and self._next is None:
                             self._running = False
                             self._reset()
                             return
@@ -211,6 +238,9 @@ class ContinuousBatcher:
         except BaseException as e:  # every waiting caller gets the error, not a hang
             with self._lock:
                 pending = [r for r in self.rows if r is not None]
+                if self._next is not None:
+                    pending.append(self._next[0])
+                    self._next = None
                 while not self._waiting.empty():
                     pending.append(self._waiting.get())
                 self._reset()
@@ -220,52 +250,104 @@ class ContinuousBatcher:
                     r.done.set_exception(e)
 
     def _admit(self) -> None:
-        """Newcomers into free slots (prefilled together), then finished rows dropped when nobody waits for them."""
-        free = self.slots - sum(r is not None for r in self.rows)
-        group: list[Answer] = []
-        while len(group) < free and not self._waiting.empty():
-            group.append(self._waiting.get())
-            if len(group) * max(len(a.ids) for a in group) >= PREFILL_TOKENS:
+        """Newcomers into free slots (prefilled together, within the prefill budget), then finished rows dropped when
+        nobody waits for them."""
+        live = sum(r is not None for r in self.rows)
+        budget = self.prefill_chunk if live else PREFILL_TOKENS
+        group: list[_Newcomer] = []
+        while len(group) < self.slots - live:
+            item = self._take()
+            if item is None:
                 break
-        if group:
-            for answer, first in zip(group, self._prefill(group)):
+            width = max(len(a.ids) - n for a, n, _ in [*group, item])
+            if group and (len(group) + 1) * width > budget:  # the next forward's first
+                self._next = item
+                break
+            group.append(item)
+            if len(group) * width >= budget or item[0] is self._cut:  # full; a prompt longer than the budget (cut,
+                break  # `_next` holds the rest); or the rest of such a prompt, alone (`_make_room`)
+        if live and len(group) == 1 and self._make_room(*group[0], budget):
+            self._next = group[0]  # its last chunk after the next decode step
+        elif group:
+            for answer, first in self._prefill(group, budget):
                 answer.new.append(first)
                 self._emit(self.rows.index(answer), answer)
-        if None in self.rows and self._waiting.empty():
+        if None in self.rows and self._waiting.empty() and self._next is None:
             self._drop([i for i, r in enumerate(self.rows) if r is None])
 
-    def _prefill(self, group: list[Answer]) -> list[int]:
-        """The prompts' keys/values into free rows, each ending just before `at`; returns their first tokens.
+    def _make_room(self, a: Answer, n: int, kv: KV | None, budget: int) -> bool:
+        """Before the last chunk of a prompt prefilled in chunks: move `at` to its end and add its row now, if that
+        changes the cache's layout. That copy of the cache (~0.8 s here for 8 rows grown to 2,048 positions, most of
+        it the first touch of new memory) and the last chunk's forward then hold the rows in flight in two waits, a
+        decode step between, not in one of both. Whether it did."""
+        if a is not self._cut or len(a.ids) - n > budget:
+            return False
+        rows = 0 if None in self.rows else 1
+        if self.at >= len(a.ids) and not rows:
+            return False
+        self._fit(len(a.ids), rows=rows)
+        self._cut = None
+        return True
+
+    def _take(self) -> _Newcomer | None:
+        """The next newcomer with the tokens already computed for it: its own chunks, else the prefix cache's."""
+        while True:
+            if self._next is not None:
+                item, self._next = self._next, None
+            elif not self._waiting.empty():
+                a = self._waiting.get()
+                item = (a, *self.prefixes.longest(a.ids))
+            else:
+                return None
+            if not item[0].cancel.is_set():
+                return item
+            item[0].cancelled = True  # never prefilled (or not whole): ends with no tokens
+            item[0].done.set_result(item[0])
+
+    def _prefill(self, group: list[_Newcomer], budget: int) -> list[tuple[Answer, int]]:
+        """The prompts' keys/values into free rows, each ending just before `at`; returns the answers with their
+        first tokens. A group of one prompt longer than `budget` gets its next `budget` tokens computed and waits as
+        `_next` for a later forward (no row, no token yet).
 
         One left-padded forward for the group, as `generate` prefills a batch: 16 prompts of ~45 tokens one by one
         took 2.0 s here, twice the time of one padded batch (small matmuls, and per-op overhead 16 times). Each
-        prompt computes only what the prefix cache does not hold: its cached prefix (finetune/prefixes.py) is the
-        forward's past, right-aligned before the suffixes, so a row's past and suffix meet only through its mask."""
-        reuse = [self.prefixes.longest(a.ids) for a in group]
-        past = max(n for n, _ in reuse)
-        width = max(len(a.ids) - n for a, (n, _) in zip(group, reuse))
+        prompt computes only what the prefix cache (finetune/prefixes.py) or its own earlier chunks do not hold:
+        that is the forward's past, right-aligned before the suffixes, so a row's past and suffix meet only through
+        its mask."""
+        past = max(n for _, n, _ in group)
+        upto = [min(len(a.ids), n + budget) for a, n, _ in group]  # `_admit` cuts only a group of one
+        width = max(u - n for u, (_, n, _) in zip(upto, group))
         device = self._device()
         ids = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros(len(group), past + width, dtype=torch.long)
         positions = torch.zeros(len(group), width, dtype=torch.long)
-        for i, (a, (n, _)) in enumerate(zip(group, reuse)):
-            s = len(a.ids) - n
-            ids[i, width - s:] = torch.tensor(a.ids[n:])
+        for i, (u, (a, n, _)) in enumerate(zip(upto, group)):
+            s = u - n
+            ids[i, width - s:] = torch.tensor(a.ids[n:u])
             mask[i, past - n: past] = 1
             mask[i, past + width - s:] = 1
-            positions[i, width - s:] = torch.arange(n, n + s)
-        cache = DynamicCache(ddp_cache_data=self._past(reuse, past)) if past else DynamicCache()
+            positions[i, width - s:] = torch.arange(n, u)
+        cache = DynamicCache(ddp_cache_data=self._past([(n, kv) for _, n, kv in group], past)) if past else \
+            DynamicCache()
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        self._fit(max(len(a.ids) for a in group))  # `at` moves on if a prompt is longer: the rows in flight see a gap
-        if not self.layers:
-            self._new_layers(cache)
-        self._add_rows(len(group) - self.rows.count(None))
+        whole = [a for u, (a, _, _) in zip(upto, group) if u == len(a.ids)]
+        if whole:
+            if not self.layers:
+                self._new_layers(cache)
+            # `at` moves on if a prompt is longer (rows in flight see a gap); rows for those no free row takes
+            self._fit(max(len(a.ids) for a in whole), rows=len(whole) - self.rows.count(None))
         kv = _kv(cache)
-        for i, (a, (n, _)) in enumerate(zip(group, reuse)):
-            s = len(a.ids) - n
+        firsts = []
+        for i, (u, (a, n, _)) in enumerate(zip(upto, group)):
+            s = u - n
             mine = [(torch.cat([k[i, :, past - n: past], k[i, :, past + width - s:]], 1),
                      torch.cat([v[i, :, past - n: past], v[i, :, past + width - s:]], 1)) for k, v in kv]
+            if u < len(a.ids):
+                assert self._next is None  # `_admit` took nobody after a prompt it cuts
+                self._next, self._cut = (a, u, mine), a
+                self.chunks += 1
+                continue
             row = self.rows.index(None)  # a free row reads nothing: cleared when it ended, never set by `_decode`
             self.rows[row] = a
             self.valid[row, self.at - len(a.ids): self.at] = True
@@ -275,7 +357,8 @@ class ContinuousBatcher:
                 layer.values[row, :, self.at - len(a.ids): self.at] = v
             self.pos[row] = len(a.ids)
             self.prefixes.add(a.ids, mine)
-        return [self._pick(a, out.logits[i: i + 1, -1]) for i, a in enumerate(group)]
+            firsts.append((a, self._pick(a, out.logits[i: i + 1, -1])))
+        return firsts
 
     def _past(self, reuse: list[tuple[int, KV | None]], past: int) -> KV:
         """Each layer's cached prefixes for a group, `[group, kv heads, past, head dim]`, each right-aligned."""
@@ -302,13 +385,6 @@ class ContinuousBatcher:
         self.prefixes.add(fed, [(layer.keys[row].index_select(1, where), layer.values[row].index_select(1, where))
                                 for layer in self.layers if layer.keys is not None and layer.values is not None])
 
-    def _add_rows(self, n: int) -> None:
-        """`n` more free rows, in one copy of the cache for a whole group of newcomers (not one per newcomer)."""
-        if n > 0:
-            self.rows += [None] * n
-            self.pos += [0] * n
-            self._resize(lambda t, dim: torch.cat([t, t.new_zeros(n, *t.shape[1:])]), rows=True)
-
     def _new_layers(self, cache: DynamicCache) -> None:
         """Empty per-layer slots shaped after a prefilled cache (kv heads, head dims, dtypes of each layer)."""
         at = torch.zeros(1, dtype=torch.long, device=self._device())
@@ -318,33 +394,44 @@ class ContinuousBatcher:
             self.layers.append(_Slots(k.new_zeros(0, k.shape[1], positions, k.shape[3]),
                                       v.new_zeros(0, v.shape[1], positions, v.shape[3]), at))
 
-    def _fit(self, need: int) -> None:
-        """Move `at` to at least `need`, with position `at` in the cache: drop the front no row reads any more,
-        else grow by whole `CACHE_STEP`s."""
-        size = self.valid.shape[1]
-        if max(self.at, need) < size:
-            self.at = max(self.at, need)
-            return
-        read = self.valid.any(dim=0).nonzero()
-        front = min(int(read[0]) if len(read) else self.at, self.at)
-        if front:
-            self._resize(lambda t, dim: torch.cat([t.narrow(dim, front, t.shape[dim] - front),
-                                                   t.new_zeros(*t.shape[:dim], front, *t.shape[dim + 1:])], dim))
-            self.at -= front
-            self.dropped += 1
-        self.at = max(self.at, need)
-        grow = -(-max(0, self.at + 1 - self.valid.shape[1]) // CACHE_STEP) * CACHE_STEP
-        if grow:
-            self.grown += 1
-            self._resize(lambda t, dim: torch.cat([t, t.new_zeros(*t.shape[:dim], grow, *t.shape[dim + 1:])], dim))
+    def _fit(self, need: int, rows: int = 0) -> None:
+        """Move `at` to at least `need`, with position `at` in the cache (drop the front no row reads any more, else
+        grow by whole `CACHE_STEP`s), and add `rows` free rows: all in one copy of the cache.
 
-    def _resize(self, change: Callable[[torch.Tensor, int], torch.Tensor], rows: bool = False) -> None:
-        """The same change to the mask and every layer's keys and values, along the dimension it is given: their
-        positions, or with `rows` their rows (dimension 0 of all three)."""
-        self.valid = change(self.valid, 0 if rows else 1)
+        One copy, not one per change: when a long prompt lands (`at` moves far on), the copy is a wait of every row
+        in flight. SmolLM2-135M, 8 rows grown to 2,048 positions, here: 0.75-1.1 s, most of it the first touch of
+        the new memory; a second copy for the newcomer's row added 0.22 s."""
+        size = self.valid.shape[1]
+        front = 0
+        if max(self.at, need) >= size:
+            read = self.valid.any(dim=0).nonzero()
+            front = min(int(read[0]) if len(read) else self.at, self.at)
+        self.at = max(self.at - front, need)
+        grow = -(-max(0, self.at + 1 - size) // CACHE_STEP) * CACHE_STEP
+        self.dropped += front > 0
+        self.grown += grow > 0
+        if front or grow or rows > 0:
+            self.rows += [None] * max(0, rows)
+            self.pos += [0] * max(0, rows)
+            self._relayout(front, size + grow, max(0, rows))
+
+    def _relayout(self, front: int, size: int, rows: int) -> None:
+        """The mask and every layer's keys and values without their first `front` positions, `size` positions
+        long, with `rows` more rows: each a new tensor with the kept part copied in and the rest zero (a free row or
+        position reads nothing, and a masked value must still be finite: attention weighs it by 0)."""
+
+        def change(t: torch.Tensor, dim: int) -> torch.Tensor:
+            kept = t.shape[dim] - front
+            out = t.new_empty(t.shape[0] + rows, *t.shape[1:dim], size, *t.shape[dim + 1:])
+            out[: t.shape[0]].narrow(dim, 0, kept).copy_(t.narrow(dim, front, kept))
+            out[: t.shape[0]].narrow(dim, kept, size - kept).zero_()
+            out[t.shape[0]:].zero_()
+            return out
+
+        self.valid = change(self.valid, 1)
         for layer in self.layers:
             assert layer.keys is not None and layer.values is not None
-            layer.keys, layer.values = change(layer.keys, 0 if rows else 2), change(layer.values, 0 if rows else 2)
+            layer.keys, layer.values = change(layer.keys, 2), change(layer.values, 2)
 
     def _drop(self, rows: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in rows]
@@ -353,7 +440,11 @@ class ContinuousBatcher:
             return
         self.rows = [self.rows[i] for i in keep]
         self.pos = [self.pos[i] for i in keep]
-        self._resize(lambda t, dim: t.index_select(0, torch.tensor(keep, device=t.device)), rows=True)
+        keep_t = torch.tensor(keep, device=self._device())
+        self.valid = self.valid.index_select(0, keep_t.to(self.valid.device))
+        for layer in self.layers:
+            assert layer.keys is not None and layer.values is not None
+            layer.keys, layer.values = layer.keys.index_select(0, keep_t), layer.values.index_select(0, keep_t)
 
     def _decode(self) -> None:
         """One token for every row."""

@@ -119,7 +119,8 @@ class Generator:
 
     def __init__(self, loaded: LoadedRun, decode_weights: str = "exact", own_threads: bool = True,
                  compile_decode: bool = False, continuous_batching: bool = True,
-                 prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16) -> None:
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16,
+                 prefill_chunk: int | None = None) -> None:
         """`decode_weights="int8"` (or `"auto"`: int8 on a CPU) decodes from int8 copies of the linear weights,
         ~1.6x faster on a CPU at a small cost in exactness (finetune/quantize.py); long prompts and scoring stay exact.
 
@@ -139,7 +140,10 @@ class Generator:
         (`use_adapter=False`) still run one `generate` call each. Its prompts reuse the keys/values of earlier
         prompts and answers they start with, kept within `prefix_cache_mib` (finetune/prefixes.py; 0: none).
         `batch_slots`: answers decoded at once (rows of the step); more wait for a free row. On a CPU 16 rows are
-        already compute-bound; a GPU serving many users wants more (`serve --concurrency` sets it)."""
+        already compute-bound; a GPU serving many users wants more (`serve --concurrency` sets it).
+        `prefill_chunk`: while answers decode, a newcomer's prompt is prefilled at most this many tokens a forward,
+        a decode step between each, so a long prompt does not stall the answers in flight (None: 256 on a CPU,
+        2,048 on a GPU; finetune/continuous.py)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -161,6 +165,7 @@ class Generator:
         if self.why_no_batching is None:
             self._batcher = ContinuousBatcher(self.model, self._compiled.step() if self._compiled else None,
                                               slots=batch_slots, prefix_cache_mib=prefix_cache_mib,
+                                              prefill_chunk=prefill_chunk,
                                               hold=lambda: self._adapter.use(True))
             if self._compiled is not None:
                 self._batcher.warm_up(self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0])
@@ -464,13 +469,14 @@ ENGINES = ("transformers", "llama.cpp")
 
 def load_generator(source: str | Path, engine: str = "transformers", decode_weights: str = "exact",
                    compile_decode: bool = False, continuous_batching: bool = True,
-                   prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16, **kw: Any) -> Generator:
+                   prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16, prefill_chunk: int | None = None,
+                   **kw: Any) -> Generator:
     """`source`: a run folder, merged model folder, adapter folder, `embedded`, a local HF folder, .gguf or hub id.
 
     `engine="llama.cpp"` serves a run through its exported GGUF (exported on first use, finetune/llamacpp.py): the
     same methods and results, llama.cpp's speed; scoring and logprobs stay with transformers.
     `decode_weights`: "exact", "int8" or "auto" (int8 on a CPU); `compile_decode`, `continuous_batching`,
-    `prefix_cache_mib`, `batch_slots`: see `Generator`."""
+    `prefix_cache_mib`, `batch_slots`, `prefill_chunk`: see `Generator`."""
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp
 
@@ -479,4 +485,5 @@ def load_generator(source: str | Path, engine: str = "transformers", decode_weig
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
     return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights, compile_decode=compile_decode,
                                            continuous_batching=continuous_batching,
-                                           prefix_cache_mib=prefix_cache_mib, batch_slots=batch_slots))  # see Generator's own_threads
+                                           prefix_cache_mib=prefix_cache_mib, batch_slots=batch_slots,
+                                           prefill_chunk=prefill_chunk))  # see Generator's own_threads

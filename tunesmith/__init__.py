@@ -40,6 +40,10 @@ PREFIX_CACHE_MIB = 256
 PREFIX_CACHE_HELP = ("transformers engine: memory (MiB) for keys/values of recent prompts and answers, reused by the "
                      "next prompt that starts with them: a chat's next turn, a shared system prompt (0: off)")
 """One help text for `tunesmith chat|serve|ui --prefix-cache-mib` (finetune/prefixes.py)."""
+PREFILL_CHUNK_HELP = ("transformers engine: while answers stream, a new prompt is prefilled at most this many tokens at "
+                      "a time, a decode step between each, so a long prompt does not stall the others (default: 256 "
+                      "on a CPU, 2048 on a GPU; larger: the long prompt's first token sooner, longer stalls)")
+"""One help text for `tunesmith serve|ui --prefill-chunk` (finetune/continuous.py has the measurements)."""
 
 
 EXTRAS: dict[str, tuple[str, ...]] = {

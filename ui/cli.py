@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from tunesmith import COMPILE_DECODE_HELP, DECODE_WEIGHTS_HELP, PREFIX_CACHE_HELP, PREFIX_CACHE_MIB
+from tunesmith import COMPILE_DECODE_HELP, DECODE_WEIGHTS_HELP, PREFILL_CHUNK_HELP, PREFIX_CACHE_HELP, PREFIX_CACHE_MIB
 
 if TYPE_CHECKING:
     from .pool import ModelPool
@@ -28,6 +28,7 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--decode-weights", choices=["auto", "exact", "int8"], default="auto", help=DECODE_WEIGHTS_HELP)
     p.add_argument("--compile-decode", action="store_true", help=COMPILE_DECODE_HELP)
     p.add_argument("--prefix-cache-mib", type=int, default=PREFIX_CACHE_MIB, metavar="MIB", help=PREFIX_CACHE_HELP)
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS", help=PREFILL_CHUNK_HELP)
 
 
 def _pool(a: argparse.Namespace) -> ModelPool:  # imported lazily so `tunesmith --help` stays fast
@@ -35,7 +36,7 @@ def _pool(a: argparse.Namespace) -> ModelPool:  # imported lazily so `tunesmith 
 
     return ModelPool(a.runs_dir, default=a.run, max_loaded=a.max_loaded, engine=a.engine,
                      decode_weights=a.decode_weights, compile_decode=a.compile_decode,
-                     prefix_cache_mib=a.prefix_cache_mib, batch_slots=a.concurrency)
+                     prefix_cache_mib=a.prefix_cache_mib, batch_slots=a.concurrency, prefill_chunk=a.prefill_chunk)
 
 
 def _parse_auth(value: str) -> tuple[str, str]:

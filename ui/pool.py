@@ -48,7 +48,8 @@ class ModelPool:
 
     def __init__(self, runs_dir: str | Path = "runs", default: str = "embedded", max_loaded: int = 2,
                  engine: str = "transformers", decode_weights: str = "exact", compile_decode: bool = False,
-                 prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16) -> None:
+                 prefix_cache_mib: int = PREFIX_CACHE_MIB, batch_slots: int = 16,
+                 prefill_chunk: int | None = None) -> None:
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.engine = engine
         """`transformers` or `llama.cpp` (finetune's load_generator): every model of this pool is served by it."""
@@ -60,6 +61,9 @@ class ModelPool:
         """transformers engine: each model's prefix cache budget (finetune/prefixes.py), 0 for none."""
         self.batch_slots = batch_slots
         """transformers engine: answers each model decodes at once (rows of its continuous batch)."""
+        self.prefill_chunk = prefill_chunk
+        """transformers engine: prompt tokens a prefill forward computes at most while answers decode (None: the
+        device's default, finetune/continuous.py)."""
         self.max_loaded = max(1, max_loaded)
         self.extra: dict[str, str] = {}
         """name -> source for models named on the command line (trusted: the operator typed them)."""
@@ -152,7 +156,8 @@ class ModelPool:
         """load_generator, with what goes wrong while loading said in words the user can act on."""
         try:
             kw = ({"decode_weights": self.decode_weights, "compile_decode": self.compile_decode,
-                   "prefix_cache_mib": self.prefix_cache_mib, "batch_slots": self.batch_slots}
+                   "prefix_cache_mib": self.prefix_cache_mib, "batch_slots": self.batch_slots,
+                   "prefill_chunk": self.prefill_chunk}
                   if self.engine == "transformers" else {"engine": self.engine})
             return load_generator(choice.source, **kw)
         except (ModelLoadError, OSError, ValueError) as e:  # HFValidationError: a folder gone mid-load reads as a hub id

@@ -103,3 +103,10 @@ def test_int8_kernel_tiny_prints_every_row_count():
     assert len(rows) == 6 and "GFLOP/s" in out, out
     if "cannot run here" not in out:  # the kernel built: its answers match fp64 on the same int8 weights
         assert all(float(ln.rsplit("|", 1)[1]) < 1e-5 for ln in rows), out
+
+
+def test_long_prompt_tiny_prints_a_row_per_chunk():
+    out = _run("long_prompt.py", "--chunks", "0,16,64", "--streams", "3")
+    rows = _rows(out)
+    assert set(rows) == {"off", "16", "64"} and "streams' longest gap ms" in out
+    assert all(len(cells) == 5 for cells in rows.values())

@@ -152,3 +152,52 @@ def test_an_error_reaches_every_caller_and_the_batcher_recovers(tiny_run_dir: Pa
         gen.batch(["hi", "ok"], GenerationParams(max_new_tokens=5, temperature=0))
     gen._batcher.step = step
     assert gen.generate("hi", GenerationParams(max_new_tokens=5, temperature=0)).completion_tokens == 5
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(tiny_gen: Generator,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a row decoding, a 70-token prompt is prefilled 16 tokens a forward, the row getting a token between each
+    and the cache made room for the prompt in a step of its own before the last chunk; the prompt queued behind it waits its turn, a prompt cancelled after its first chunk ends with no tokens, and
+    alone (no row decoding) a prompt over PREFILL_TOKENS is chunked too. Every answer is as alone."""
+    model = tiny_gen.model
+    batcher = ContinuousBatcher(model, prefill_chunk=16)
+    carrier = Answer(_prompt(10, 0), 60, set())
+    long, behind, dropped = Answer(_prompt(70, 1), 20, set()), Answer(_prompt(20, 2), 10, set()), \
+        Answer(_prompt(40, 3), 5, set())
+    seen: list[tuple[list[int], int]] = []  # (prompt lengths of each prefill forward, carrier's tokens then)
+    prefill = batcher._prefill
+
+    def logged(group: Any, budget: int) -> Any:
+        seen.append(([len(a.ids) for a, _, _ in group], len(carrier.new)))
+        out = prefill(group, budget)
+        if batcher._next is not None and batcher._next[0] is dropped and batcher._next[1]:
+            dropped.cancel.set()  # cancelled half-prefilled
+        return out
+
+    batcher._prefill = logged  # type: ignore[method-assign]
+
+    def on_carrier(new: list[int]) -> None:
+        if len(new) == 3:
+            for a in (long, behind, dropped):
+                batcher.submit(a)
+
+    carrier.on_tokens = on_carrier
+    batcher.submit(carrier).result()
+    for a in (long, behind, dropped):
+        a.done.result(timeout=60)
+    long_calls = [n for sizes, n in seen if sizes == [70]]
+    assert len(long_calls) == 5 and long_calls == sorted(set(long_calls))  # 16+16+16+16+6: a decode step between
+    assert long_calls[-1] - long_calls[-2] == 2  # before the last chunk, room (`at` moved to 70, a row): a step apart
+    assert [sizes for sizes, _ in seen[6:]] == [[20], [20], [40]]  # then `behind` (16+4), then `dropped` once
+    assert batcher.chunks == 4 + 1 + 1
+    assert dropped.cancelled and dropped.new == [] and dropped.done.done()
+    with torch.inference_mode():
+        for a in (carrier, long, behind):
+            assert a.new == _alone(model, a.ids, a.max_new_tokens)
+    monkeypatch.setattr("tunesmith.finetune.continuous.PREFILL_TOKENS", 32)
+    alone = Answer(_prompt(70, 4), 8, set())
+    before = batcher.chunks
+    batcher.submit(alone).result()
+    assert batcher.chunks - before == 2  # 32 + 32 + 6
+    with torch.inference_mode():
+        assert alone.new == _alone(model, alone.ids, 8)

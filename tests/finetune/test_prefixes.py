@@ -34,7 +34,7 @@ def test_one_prefill_mixes_prefix_lengths_and_each_answer_is_as_alone(tiny_gen: 
     answers = {k: Answer(ids, 12, set()) for k, ids in group.items()}
     widths: list[int] = []
     prefill = batcher._prefill
-    batcher._prefill = lambda g: (widths.append(len(g)), prefill(g))[1]  # type: ignore[method-assign]
+    batcher._prefill = lambda g, b: (widths.append(len(g)), prefill(g, b))[1]  # type: ignore[method-assign]
 
     def on_carrier(new: list[int]) -> None:
         if len(new) == 2:  # inside the loop: all four wait for the next admit, one group

@@ -56,15 +56,18 @@ def test_loads_once_and_keeps_at_most_max_loaded(tmp_path, tiny_run_dir, tiny_mo
 
 
 @pytest.mark.parametrize("mib", [0, 8])
-def test_the_cli_prefix_cache_and_concurrency_reach_each_model(tiny_run_dir, mib):
+def test_the_cli_prefix_cache_concurrency_and_prefill_chunk_reach_each_model(tiny_run_dir, mib):
     from tunesmith.cli import build_parser
+    from tunesmith.finetune.continuous import PREFILL_CHUNK_CPU
     from tunesmith.ui.cli import _pool
 
+    chunk = ["--prefill-chunk", "96"] if mib else []
     a = build_parser().parse_args(["serve", str(tiny_run_dir), "--runs-dir", str(tiny_run_dir.parent),
-                             "--prefix-cache-mib", str(mib), "--concurrency", str(mib + 3)])
+                             "--prefix-cache-mib", str(mib), "--concurrency", str(mib + 3), *chunk])
     gen, _ = _pool(a).get(None)
     assert gen._batcher is not None and gen._batcher.prefixes.budget == mib << 20
     assert gen._batcher.slots == mib + 3  # --concurrency: rows of the step
+    assert gen._batcher.prefill_chunk == (96 if mib else PREFILL_CHUNK_CPU)  # the CPU's default unless set
 
 
 def test_a_run_deleted_while_loading_is_said_in_words(tmp_path, tiny_run_dir, monkeypatch):
