@@ -33,6 +33,7 @@ two cores the first time, ~30 s once inductor's kernels are cached on disk (`cac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,14 @@ DROP_GUARDS = frozenset({
 """Guard kinds dropped on the model's modules: identities, tensor metadata and container shapes (they cannot change
 under a Generator). Value guards (CONSTANT_MATCH, EQUALS_MATCH: an adapter switched off, a config flag) stay."""
 
+
+GRAPHS_PER_MODEL = 4
+"""Graphs one model's compiled decode may add (three, `warm_up`; one spare). Every model class's forward runs
+through one wrapper function of transformers (`deprecate_kwarg`'s), and dynamo keeps at most `recompile_limit` (8)
+graphs per function in a process: `serve --compile-decode` with a fourth model of another shape decoded its batches
+eager (seen: 4 tiny models of widths 64-160 in one process, "hit config.recompile_limit (8)"). So the limit is
+raised by this much per CompiledDecode made, in every thread that runs a compiled step (`_room_for_graphs`: torch
+keeps a thread's config settings to that thread). Models of the same shapes (runs of one base model) share graphs."""
 
 ATTENTION = "tunesmith_sdpa"
 """The attention the compiled model runs: transformers' SDPA, except `grouped_sdpa` for one-token queries."""
@@ -95,8 +104,23 @@ def why_not(model: Any) -> str | None:
     return None
 
 
+def _room_for_graphs() -> None:
+    """This thread's dynamo graph limit per function raised to hold every CompiledDecode's graphs besides the
+    default 8 (GRAPHS_PER_MODEL); a few microseconds, so it runs before every compiled call."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older torch name
+    need = 8 + GRAPHS_PER_MODEL * CompiledDecode.made
+    if getattr(config, name) < need:
+        setattr(config, name, need)
+
+
 class CompiledDecode:
     """What `Generator._run` adds to a `generate` call to decode through the compiled step."""
+
+    made = 0
+    """CompiledDecodes made in this process (`_room_for_graphs`)."""
 
     def __init__(self, model: Any) -> None:
         from transformers import AttentionInterface, CompileConfig
@@ -105,6 +129,7 @@ class CompiledDecode:
         from .compiling import use_cache_dir
 
         use_cache_dir()
+        CompiledDecode.made += 1
         self.model = model
         base = _causal(model)
         if base.config._attn_implementation == "sdpa":
@@ -131,10 +156,18 @@ class CompiledDecode:
 
     def step(self) -> Callable[..., Any]:
         """The compiled forward itself (transformers' `get_compiled_call`), for continuous batching's decode steps."""
-        return _causal(self.model).get_compiled_call(self.config)
+        call = _causal(self.model).get_compiled_call(self.config)
+
+        @functools.wraps(call)
+        def step(**kwargs: Any) -> Any:
+            _room_for_graphs()  # the batch loop's thread is a new one each time it starts
+            return call(**kwargs)
+
+        return step
 
     def kwargs(self, needed: int, limit: int | None) -> dict[str, Any]:
         from transformers import StaticCache
 
         length = max(needed, self._length or cache_length(needed, limit))
+        _room_for_graphs()  # in the thread that calls `generate`, as it runs the compiled call
         return {"cache": StaticCache(config=self.model.config, max_cache_len=length), "compile_config": self.config}

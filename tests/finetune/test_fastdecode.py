@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def test_batches_decode_compiled_as_eager_and_compile_nothing(compiled: Generato
     from torch._dynamo.utils import counters
 
     assert compiled._batcher is not None
-    assert compiled._batcher.step is compiled.model.get_base_model()._compiled_call
+    assert compiled._batcher.step.__wrapped__ is compiled.model.get_base_model()._compiled_call  # type: ignore[attr-defined]
     steps: list[int] = []
     step = compiled._batcher.step
 
@@ -141,3 +142,25 @@ def test_a_model_call_running_beside_it_recompiles_nothing(compiled: Generator, 
         leave.set()
         t.join()
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_every_thread_running_a_compiled_step_has_room_for_every_models_graphs(compiled: Generator) -> None:
+    """Every model's forward goes through one transformers wrapper, whose graphs dynamo caps (8, a setting each
+    thread has its own of): the threads that run compiled steps (the batch loop's, each `generate` caller's) raise
+    it to hold every compiled model's graphs."""
+    need = 8 + fastdecode.GRAPHS_PER_MODEL * fastdecode.CompiledDecode.made
+    seen: list[int] = []
+    assert compiled._batcher is not None
+    step = compiled._batcher.step
+    compiled._batcher.step = lambda **kw: (seen.append(torch._dynamo.config.recompile_limit), step(**kw))[1]
+    try:
+        compiled.generate(PROMPT, GenerationParams(max_new_tokens=3, temperature=0))
+    finally:
+        compiled._batcher.step = step
+    assert len(seen) == 2 and seen[1] >= need  # the first step set it in the loop's thread (a new thread)
+    fresh: list[int] = []
+    thread = threading.Thread(target=lambda: (fastdecode.CompiledDecode.kwargs(compiled._compiled, 8, None),
+                                              fresh.append(torch._dynamo.config.recompile_limit)))
+    thread.start()
+    thread.join()
+    assert fresh == [need] and torch._dynamo.config.recompile_limit in (8, need)
