@@ -266,7 +266,7 @@ class ContinuousBatcher:
             group.append(item)
             if len(group) * width >= budget or item[0] is self._cut:  # full; a prompt longer than the budget (cut,
                 break  # `_next` holds the rest); or the rest of such a prompt, alone (`_make_room`)
-        if live and len(group) == 1 and self._make_room(*group[0], budget):
+        if live and len(group) == 1 and self._make_room(group[0][0], group[0][1], budget):
             self._next = group[0]  # its last chunk after the next decode step
         elif group:
             for answer, first in self._prefill(group, budget):
@@ -275,7 +275,7 @@ class ContinuousBatcher:
         if None in self.rows and self._waiting.empty() and self._next is None:
             self._drop([i for i, r in enumerate(self.rows) if r is None])
 
-    def _make_room(self, a: Answer, n: int, kv: KV | None, budget: int) -> bool:
+    def _make_room(self, a: Answer, n: int, budget: int) -> bool:
         """Before the last chunk of a prompt prefilled in chunks: move `at` to its end and add its row now, if that
         changes the cache's layout. That copy of the cache (~0.8 s here for 8 rows grown to 2,048 positions, most of
         it the first touch of new memory) and the last chunk's forward then hold the rows in flight in two waits, a
@@ -408,12 +408,13 @@ class ContinuousBatcher:
             front = min(int(read[0]) if len(read) else self.at, self.at)
         self.at = max(self.at - front, need)
         grow = -(-max(0, self.at + 1 - size) // CACHE_STEP) * CACHE_STEP
+        rows = max(0, rows)
         self.dropped += front > 0
         self.grown += grow > 0
-        if front or grow or rows > 0:
-            self.rows += [None] * max(0, rows)
-            self.pos += [0] * max(0, rows)
-            self._relayout(front, size + grow, max(0, rows))
+        if front or grow or rows:
+            self.rows += [None] * rows
+            self.pos += [0] * rows
+            self._relayout(front, size + grow, rows)
 
     def _relayout(self, front: int, size: int, rows: int) -> None:
         """The mask and every layer's keys and values without their first `front` positions, `size` positions
@@ -428,6 +429,11 @@ class ContinuousBatcher:
             out[t.shape[0]:].zero_()
             return out
 
+        self._resize(change)
+
+    def _resize(self, change: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """The same change to the mask and every layer's keys and values, given each tensor and its positions'
+        dimension (their rows are dimension 0 of all three)."""
         self.valid = change(self.valid, 1)
         for layer in self.layers:
             assert layer.keys is not None and layer.values is not None
@@ -440,11 +446,7 @@ class ContinuousBatcher:
             return
         self.rows = [self.rows[i] for i in keep]
         self.pos = [self.pos[i] for i in keep]
-        keep_t = torch.tensor(keep, device=self._device())
-        self.valid = self.valid.index_select(0, keep_t.to(self.valid.device))
-        for layer in self.layers:
-            assert layer.keys is not None and layer.values is not None
-            layer.keys, layer.values = layer.keys.index_select(0, keep_t), layer.values.index_select(0, keep_t)
+        self._resize(lambda t, dim: t.index_select(0, torch.tensor(keep, device=t.device)))
 
     def _decode(self) -> None:
         """One token for every row."""
