@@ -5,6 +5,7 @@
     python benchmarks/profile_train.py --experiments      # also: threads, fused AdamW, packed mask vs causal,
                                                           #       fp32 vs bf16, autocast, compiled (interleaved)
     python benchmarks/profile_train.py --compile off      # profile the uncompiled loop
+    python benchmarks/profile_train.py --precision bf16   # force a dtype (default: what `fit` picks here)
 
 1. Peak matmul GFLOP/s in bf16 and fp32 (one big `torch.matmul`), the ceiling for a matmul-bound step.
 2. The step split into phases (collate, forward, backward, optimizer) by wall clock, and a torch.profiler op table
@@ -107,7 +108,7 @@ def _category(name: str, shapes: list, r: int, vocab: int) -> str:
         dims = {d for sh in shapes for d in (sh or [])}
         if vocab in dims:
             return "output head + CE"
-        return "LoRA matmuls (rank dim)" if r in dims else "base matmuls (bf16)"
+        return "LoRA matmuls (rank dim)" if r in dims else "base matmuls"
     if any(k in name.lower() for k in ("optimizer", "adamw", "_foreach", "clip_grad", "norm")):
         return "optimizer (AdamW + clip)"
     if name in ("aten::copy_", "aten::to", "aten::_to_copy"):
@@ -175,6 +176,9 @@ def main() -> None:
     ap.add_argument("--experiments", action="store_true")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="train.compile for the profiled run (auto: compiled on the embedded model, as `fit` runs)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="train.precision for the profiled run (auto: bf16 on CPUs with native bf16, else fp32, "
+                         "as `fit` picks; a forced bf16 on an AVX2-only CPU runs at a tenth of its fp32 speed)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="profile-") as d:
@@ -193,7 +197,12 @@ def main() -> None:
             import torch._inductor.config as inductor_config
 
             inductor_config.cpp.enable_kernel_profile = True
-        s = _setup(model, tmp / "run", "bf16", 100, a.batch, a.compile)
+        from tunesmith.finetune.model import pick_dtype
+
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[pick_dtype(a.precision)]
+        best = max(peak, key=peak.get)
+        print(f"profiled precision: {name} (train.precision={a.precision}); the machine's best matmul dtype: {best}")
+        s = _setup(model, tmp / "run", name, 100, a.batch, a.compile)
         t = time.perf_counter()
         timer: dict[str, float] = defaultdict(float)
         _step(s, 0)
@@ -201,7 +210,7 @@ def main() -> None:
         for i in range(a.steps):
             _step(s, 1 + i, timer)
         tps = timer["tokens"] / timer["total"]
-        print(f"\nbf16 step phases over {a.steps} steps ({timer['tokens'] / a.steps:.0f} real tokens/step), "
+        print(f"\n{name} step phases over {a.steps} steps ({timer['tokens'] / a.steps:.0f} real tokens/step), "
               f"{tps:.0f} tokens/s:")
         for k in ("collate", "forward", "backward", "clip+optimizer"):
             print(f"  {k:16s} {timer[k] / a.steps:7.3f} s/step  {timer[k] / timer['total']:6.1%}")
@@ -212,8 +221,8 @@ def main() -> None:
         for k, v in f.items():
             if "(" in k:
                 print(f"  {k:55s} {v / 1e6:7.1f} M")
-        limit = peak["bf16"] * 1e9 / total
-        print(f"physical limit at bf16 matmul peak: {limit:,.0f} tokens/s; measured {tps:,.0f} = "
+        limit = peak[best] * 1e9 / total  # the roofline of the machine: its fastest matmul dtype
+        print(f"physical limit at the {best} matmul peak: {limit:,.0f} tokens/s; measured {tps:,.0f} = "
               f"{tps / limit:.1%} of peak ({tps * total / 1e9:.0f} GFLOP/s achieved)")
         print("\nprofiler (self CPU time by category):")
         for cat, sec, frac in profile_ops(s, max(1, a.steps - 1)):

@@ -204,7 +204,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     low = dtype if dtype in (torch.bfloat16, torch.float16) and not cfg.lora.load_in_4bit else None
     n_params = sum(p.numel() for p in model.parameters())
     pad: dict[str, int] = {}
-    if (why := compiling.why_not(cfg, acc.device, acc.num_processes, n_params, total, dtype)) is None:
+    if (why := compiling.why_not(cfg, acc.device, acc.num_processes, n_params, total)) is None:
         n = compiling.compile_layers(_causal(model), cfg.data.max_length)
         if cfg.method == "sft":
             pad = compiling.bucket(cfg.data.packing, cfg.data.max_length, t.micro_batch_size)
