@@ -38,6 +38,37 @@ EAGER_ATTENTION_MAX_LENGTH = 512
 """Up to this row width a compiled step uses the `eager` attention kernel; above it the L x L probabilities it keeps
 for backward would cost more memory than SDPA's flash kernel saves time."""
 OPTIONS = {"emulate_precision_casts": True}
+GRAPHS_PER_TRAINING = 2
+"""Graphs one training's compiled layers add: the first layer's input needs no gradient and the others' do (a guard
+each), and LoRA's scaling and every weight shape are constants of the graph. Dynamo keeps at most `recompile_limit`
+(8) graphs per function in a process, and every layer class shares one transformers wrapper: an in-process sweep
+over LoRA ranks hit the limit at its fifth trial, whose layers then ran eager without a word."""
+DYNAMO_GRAPHS = 8
+"""dynamo's default `recompile_limit`."""
+_extra_graphs = 0
+"""Graphs tunesmith's compiled models (trainings, decode steps) may add beyond DYNAMO_GRAPHS in this process."""
+
+
+def add_graphs(n: int) -> None:
+    """Count `n` more graphs a newly compiled model may add (`room_for_graphs` makes room for them)."""
+    global _extra_graphs
+    _extra_graphs += n
+    room_for_graphs()
+
+
+def graph_limit() -> int:
+    return DYNAMO_GRAPHS + _extra_graphs
+
+
+def room_for_graphs() -> None:
+    """This thread's dynamo graph limit per function raised to `graph_limit()`: torch 2.13 keeps config settings per
+    thread, so every thread that runs a compiled call calls this first (a few microseconds)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older torch name
+    if getattr(config, name) < graph_limit():
+        setattr(config, name, graph_limit())
 
 
 def why_not(cfg: Any, device: torch.device, processes: int, n_params: int, steps: int) -> str | None:
@@ -91,6 +122,7 @@ def compile_layers(causal: Any, max_length: int) -> int:
     layers = [m for m in causal.modules() if type(m).__name__ in kinds]
     for layer in layers:
         layer.compile(options=OPTIONS)
+    add_graphs(GRAPHS_PER_TRAINING)
     return len(layers)
 
 

@@ -37,6 +37,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from .compiling import room_for_graphs
 from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
 
 CACHE_STEP = 64
@@ -55,9 +56,9 @@ GRAPHS_PER_MODEL = 4
 """Graphs one model's compiled decode may add (three, `warm_up`; one spare). Every model class's forward runs
 through one wrapper function of transformers (`deprecate_kwarg`'s), and dynamo keeps at most `recompile_limit` (8)
 graphs per function in a process: `serve --compile-decode` with a fourth model of another shape decoded its batches
-eager (seen: 4 tiny models of widths 64-160 in one process, "hit config.recompile_limit (8)"). So the limit is
-raised by this much per CompiledDecode made, in every thread that runs a compiled step (`_room_for_graphs`: torch
-keeps a thread's config settings to that thread). Models of the same shapes (runs of one base model) share graphs."""
+eager (seen: 4 tiny models of widths 64-160 in one process, "hit config.recompile_limit (8)"). So each CompiledDecode
+adds this many to the limit (`compiling.add_graphs`), raised in every thread that runs a compiled step
+(`compiling.room_for_graphs`). Models of the same shapes (runs of one base model) share graphs."""
 
 ATTENTION = "tunesmith_sdpa"
 """The attention the compiled model runs: transformers' SDPA, except `grouped_sdpa` for one-token queries."""
@@ -104,32 +105,17 @@ def why_not(model: Any) -> str | None:
     return None
 
 
-def _room_for_graphs() -> None:
-    """This thread's dynamo graph limit per function raised to hold every CompiledDecode's graphs besides the
-    default 8 (GRAPHS_PER_MODEL); a few microseconds, so it runs before every compiled call."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older torch name
-    need = 8 + GRAPHS_PER_MODEL * CompiledDecode.made
-    if getattr(config, name) < need:
-        setattr(config, name, need)
-
-
 class CompiledDecode:
     """What `Generator._run` adds to a `generate` call to decode through the compiled step."""
-
-    made = 0
-    """CompiledDecodes made in this process (`_room_for_graphs`)."""
 
     def __init__(self, model: Any) -> None:
         from transformers import AttentionInterface, CompileConfig
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        from .compiling import use_cache_dir
+        from .compiling import add_graphs, use_cache_dir
 
         use_cache_dir()
-        CompiledDecode.made += 1
+        add_graphs(GRAPHS_PER_MODEL)
         self.model = model
         base = _causal(model)
         if base.config._attn_implementation == "sdpa":
@@ -160,7 +146,7 @@ class CompiledDecode:
 
         @functools.wraps(call)
         def step(**kwargs: Any) -> Any:
-            _room_for_graphs()  # the batch loop's thread is a new one each time it starts
+            room_for_graphs()  # the batch loop's thread is a new one each time it starts
             return call(**kwargs)
 
         return step
@@ -169,5 +155,5 @@ class CompiledDecode:
         from transformers import StaticCache
 
         length = max(needed, self._length or cache_length(needed, limit))
-        _room_for_graphs()  # in the thread that calls `generate`, as it runs the compiled call
+        room_for_graphs()  # in the thread that calls `generate`, as it runs the compiled call
         return {"cache": StaticCache(config=self.model.config, max_cache_len=length), "compile_config": self.config}

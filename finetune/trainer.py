@@ -245,6 +245,8 @@ def fit(s: Setup, resume: bool = False, on_eval: OnEval | None = None) -> dict[s
 
     SIGTERM / Ctrl-C ask for a checkpoint and a clean exit; the previous handlers are back once this returns, so a
     notebook or the UI that called it still gets its Ctrl-C."""
+    if s.compiled:
+        compiling.room_for_graphs()  # this thread may not be the one `setup` compiled the layers in
     with _stop_on_signal() as stop_requested, tracking.ending(s.accelerator, s.cfg):
         return _loop(s, resume, stop_requested, on_eval)
 

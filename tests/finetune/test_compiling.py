@@ -4,6 +4,7 @@ few changes no loss, and `auto` compiles only where it pays (not the tiny models
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -93,6 +94,27 @@ def test_auto_compiles_only_where_it_pays(tiny_model_dir, tmp_path):
                             or "")
     assert compiling.why_not(_cfg(tiny_model_dir, tmp_path / "o", "train.compile=on"), cpu, 2, 1, 1) is None
     assert compiling.why_not(_cfg(tiny_model_dir, tmp_path / "f", "train.compile=off"), cpu, 1, big, steps)
+
+
+def test_trainings_of_many_shapes_in_one_process_keep_compiling(tiny_model_dir, tmp_path, monkeypatch):
+    """An in-process sweep over LoRA ranks adds two graphs per rank to the one function every decoder layer runs
+    through; past dynamo's limit (8) its fifth trial trained eager, silently. Each compiled training now makes room
+    for its own. Here dynamo's limit starts at 2 (patched for this thread) so that three short trainings cross it."""
+    monkeypatch.setattr(compiling, "DYNAMO_GRAPHS", 2)
+    hits: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: hits.append(record.getMessage())  # type: ignore[method-assign]
+    dynamo_log = logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(handler)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for r in (2, 3, 5):
+                train(_cfg(tiny_model_dir, tmp_path / f"r{r}", "train.compile=on", f"lora.r={r}",
+                           "train.max_steps=1", "train.eval_every=0", "data.val_set_size=0"))
+                assert torch._dynamo.config.recompile_limit == compiling.graph_limit()
+    finally:
+        dynamo_log.removeHandler(handler)
+    assert not [m for m in hits if "recompile_limit" in m or "cache_size_limit" in m]
 
 
 def test_yaml_on_off_booleans_read_as_modes(tmp_path):
