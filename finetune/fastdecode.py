@@ -37,7 +37,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .compiling import room_for_graphs
+from . import compiling
 from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
 
 CACHE_STEP = 64
@@ -95,12 +95,10 @@ def cache_length(needed: int, limit: int | None) -> int:
 
 def why_not(model: Any) -> str | None:
     """Why `model` (a causal LM, or its peft wrapper) cannot decode compiled here, or None."""
-    from .compiling import compiler
-
     base = _causal(model)
     if not getattr(base, "_can_compile_fullgraph", False):
         return f"{type(base).__name__} does not support a static KV cache in transformers"
-    if next(model.parameters()).device.type == "cpu" and compiler() is None:
+    if next(model.parameters()).device.type == "cpu" and compiling.compiler() is None:
         return "no C++ compiler found (install g++, or set CXX)"
     return None
 
@@ -112,10 +110,8 @@ class CompiledDecode:
         from transformers import AttentionInterface, CompileConfig
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        from .compiling import add_graphs, use_cache_dir
-
-        use_cache_dir()
-        add_graphs(GRAPHS_PER_MODEL)
+        compiling.use_cache_dir()
+        compiling.add_graphs(GRAPHS_PER_MODEL)
         self.model = model
         base = _causal(model)
         if base.config._attn_implementation == "sdpa":
@@ -146,7 +142,7 @@ class CompiledDecode:
 
         @functools.wraps(call)
         def step(**kwargs: Any) -> Any:
-            room_for_graphs()  # the batch loop's thread is a new one each time it starts
+            compiling.room_for_graphs()  # the batch loop's thread is a new one each time it starts
             return call(**kwargs)
 
         return step
@@ -155,5 +151,5 @@ class CompiledDecode:
         from transformers import StaticCache
 
         length = max(needed, self._length or cache_length(needed, limit))
-        room_for_graphs()  # in the thread that calls `generate`, as it runs the compiled call
+        compiling.room_for_graphs()  # in the thread that calls `generate`, as it runs the compiled call
         return {"cache": StaticCache(config=self.model.config, max_cache_len=length), "compile_config": self.config}
