@@ -4,6 +4,7 @@
     python benchmarks/chat_bench.py --only llama.cpp       # rerun one engine (comma list: ENGINES below)
     python benchmarks/chat_bench.py --tiny                 # seconds, tiny random model (CI smoke run)
     python benchmarks/chat_bench.py --run runs/quickstart  # a fine-tuned run: its LoRA adapter live
+    python benchmarks/chat_bench.py --shape llama-3.2-1b --only tunesmith,transformers   # on a GPU (gpu.sh)
 
 Engines (`--only` names): `tunesmith` (`Generator.stream`, exact weights; batched: that many concurrent streams,
 on threads, rows of its continuous batch), `tunesmith-int8` (the same
@@ -291,6 +292,11 @@ def main() -> None:
                          "share their system prompt's keys/values, a chat's next turn computes the whole conversation")
     ap.add_argument("--turns", type=int, default=None, help="user turns of the timed chat (default 6, tiny 2)")
     ap.add_argument("--run", help="a LoRA run folder: tunesmith and transformers decode with its adapter live")
+    ap.add_argument("--shape", help="decode a random-init model of this real shape (benchmarks/shapes.py), built "
+                    "first; its answers run to --max-new-tokens (random weights rarely say EOS)")
+    ap.add_argument("--tokenizer", help="tokenizer folder of the --shape model (default: the embedded model's)")
+    ap.add_argument("--shape-dir", help="keep the --shape model in DIR/SHAPE and reuse it there (default: a temporary "
+                    "folder, deleted at the end)")
     a = ap.parse_args()
     only = [e.strip() for e in a.only.split(",") if e.strip()]
     if bad := [e for e in only if e not in ENGINES]:
@@ -319,7 +325,17 @@ def main() -> None:
     batch_rows: dict[str, dict[str, Any]] = {}
     turn_rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="chat_bench-") as d:
-        if a.tiny:
+        if a.shape:
+            import sys
+
+            sys.path.insert(0, str(Path(__file__).parent))
+            from shapes import build_shape_model
+
+            from tunesmith.finetune import resolve_base_model
+
+            tokenizer = a.tokenizer or (None if a.tiny else resolve_base_model("embedded"))
+            source = str(build_shape_model(a.shape, Path(a.shape_dir or d) / a.shape, tokenizer, tiny=a.tiny))
+        elif a.tiny:
             from tunesmith.finetune.tiny import build_tiny_model
 
             source = str(build_tiny_model(Path(d) / "tiny"))
@@ -339,16 +355,16 @@ def main() -> None:
             return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
 
         def gguf() -> Path:
-            if not a.tiny:
+            if not a.tiny and not a.shape:
                 return embedded_gguf_path()  # the Q4_1 file the embedded model is dequantized from
             from tunesmith.finetune import export_gguf
 
-            return Path(export_gguf(source, "f16", out=Path(d) / "tiny-f16.gguf", llamacpp_check=False).path)
+            return Path(export_gguf(source, "f16", out=Path(d) / "model-f16.gguf", llamacpp_check=False).path)
 
         longest = max(count(tok.apply_chat_template(_msgs(p), tokenize=False, add_generation_prompt=True))
                       for p in prompts)
         per_slot = max(longest + a.max_new_tokens + 16, 160 * a.turns)  # the chat: ~25 + 64 + 50 tokens a turn
-        gguf_name = "tiny f16" if a.tiny else "embedded Q4_1"
+        gguf_name = "f16" if a.tiny or a.shape else "embedded Q4_1"
         cb, pc = not a.no_continuous_batching, not a.no_prefix_cache
         engines: dict[str, tuple[str, str, str, Callable[[], tuple[Stream, Batch]]]] = {  # name: paths, skip, build
             "tunesmith": ("Generator.stream", f"{a.concurrency} streams at once", "",
@@ -377,6 +393,10 @@ def main() -> None:
             gc.collect()  # one model in memory at a time: the engine's closures are gone
 
     model = "tiny random model" if a.tiny else "SmolLM2-135M-Instruct (embedded)"
+    if a.shape:
+        from shapes import describe
+
+        model = describe(a.shape, a.tiny)
     model += f", LoRA run {a.run} (adapter live; llama.cpp: the base GGUF)" if a.run else ""
     model += ", tunesmith WITHOUT continuous batching" if a.no_continuous_batching else ""
     model += ", tunesmith WITHOUT the prefix cache" if a.no_prefix_cache else ""

@@ -2,6 +2,12 @@
 
     python benchmarks/train_bench.py                 # embedded SmolLM2-135M, 2 repeats per config, best kept
     python benchmarks/train_bench.py --tiny          # seconds, tiny random model (CI smoke run)
+    python benchmarks/train_bench.py --shape qwen2.5-7b --qlora --max-length 2048 --batch 4   # on a GPU (gpu.sh)
+
+`--shape` trains a random-init model of a real checkpoint's shape (benchmarks/shapes.py: Llama-3.2-1B, Qwen2.5-7B,
+Gemma-2-2B), built once in the driver: what the GPU machine, which has no network and no checkpoints, can run.
+`--qlora` loads its base in 4-bit NF4 for every trainer (bitsandbytes, CUDA). Then the table also has each worker's
+peak GPU memory (`torch.cuda.max_memory_allocated`), the number the issue's "<= 0.6x TRL" is about.
 
 Each (config, repeat) trains in its own subprocess so peak RSS is clean. Measured per run:
 - real tokens/s: non-pad input tokens of the optimizer steps / wall time of the training loop (model load,
@@ -42,12 +48,14 @@ CONFIGS = {
     "tunesmith": "tunesmith, packed rows, train.precision=auto (bf16 base + fp32 LoRA where the CPU runs bf16 fast, "
                  "else fp32), train.compile=auto (the product defaults)",
     "tunesmith-eager": "tunesmith with train.compile=off (uncompiled layers)",
+    "tunesmith-compiled": "tunesmith with train.compile=on (auto compiles on CPUs only; this measures it on a GPU)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
     "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
     "tunesmith-nl": "tunesmith, also trained on the \"\\n\" after <|im_end|> as TRL is (same rows, labels only)",
     "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True (fp32 where tunesmith's "
                   "auto picks fp32)",
     "trl-unpacked": "TRL SFTTrainer packing=False (padded batches), the same precision",
+    "trl-liger": "trl-packed with use_liger_kernel=True (Liger's Triton RMSNorm/RoPE/SwiGLU kernels; GPU only)",
 }
 DEFAULT = ["tunesmith", "tunesmith-eager", "trl-packed", "trl-unpacked"]
 
@@ -105,7 +113,8 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
         f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
         f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}",
-        f"train.compile={compile_mode}"])
+        f"train.compile={'on' if a.worker == 'tunesmith-compiled' else compile_mode}",
+        f"lora.load_in_4bit={str(a.qlora).lower()}", f"train.gradient_checkpointing={str(a.grad_ckpt).lower()}"])
     summary = train(cfg)
     rss = _peak_rss_mb()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -158,13 +167,21 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(a.model)
     bf16 = _auto_dtype() == torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if bf16 else torch.float32)
-    packed = a.worker == "trl-packed"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    quant = {}
+    if a.qlora:  # the 4-bit settings tunesmith's lora.load_in_4bit uses (finetune/model.py)
+        from transformers import BitsAndBytesConfig
+
+        quant["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, **quant)
+    packed = a.worker in ("trl-packed", "trl-liger")
     args = SFTConfig(
         output_dir=str(out), max_steps=-1 if a.epochs else a.steps, num_train_epochs=a.epochs or 1,
         per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, learning_rate=a.lr,
         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", bf16=bf16, gradient_checkpointing=False, max_length=a.max_length, packing=packed,
+        optim="adamw_torch", bf16=bf16, gradient_checkpointing=a.grad_ckpt, max_length=a.max_length, packing=packed,
+        use_liger_kernel=a.worker == "trl-liger",
         completion_only_loss=True, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
         data_seed=a.seed,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
@@ -187,14 +204,15 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
 
 
 def _eval_adapter(adapter: str, max_length: int, limit: int) -> float:
-    """The same held-out loss for every adapter: tunesmith's tokenization and masking, fp32, unpacked."""
+    """The same held-out loss for every adapter: tunesmith's tokenization and masking, unpacked; fp32 on a CPU, the
+    GPU's bf16 there (a 7B model in fp32 would load for longer than it trains)."""
     import torch
 
     from tunesmith.finetune import DataReport, build_examples, load_generator, load_records
     from tunesmith.finetune.config import DataConfig
     from tunesmith.finetune.evaluate import eval_loss
 
-    gen = load_generator(adapter, dtype=torch.float32)
+    gen = load_generator(adapter, dtype=None if torch.cuda.is_available() else torch.float32)
     recs = load_records([str(TEST)])[:limit]
     examples = build_examples(recs, gen.tokenizer, DataConfig(max_length=max_length), DataReport())
     return round(eval_loss(gen, examples, use_adapter=True), 5)
@@ -222,19 +240,34 @@ def _spawn(config: str, a: argparse.Namespace, model: str, tmp: Path, seed: int,
            "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length), "--r", str(a.r),
            "--alpha", str(a.alpha), "--lr", str(a.lr), "--eval-limit", str(a.eval_limit),
            "--threads", str(a.threads), "--train", str(train)]
-    return run_worker(cmd, config)
+    cmd += ["--qlora"] * a.qlora + ["--grad-ckpt"] * a.grad_ckpt
+    return run_worker(cmd, config, timeout=a.worker_timeout or None)
 
 
-def run_worker(cmd: list[str], name: str) -> dict:
-    """Run one worker subprocess offline and return the JSON of its `RESULT ` line (dpo_bench.py uses it too)."""
+def run_worker(cmd: list[str], name: str, timeout: float | None = None) -> dict:
+    """Run one worker subprocess offline and return the JSON of its `RESULT ` line (dpo_bench.py uses it too).
+    A failed or timed-out worker raises `WorkerFailed` after printing the end of its output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        sys.stderr.write(_text(e.stdout)[-3000:] + _text(e.stderr)[-5000:])
+        raise WorkerFailed(f"{name} ran past its {timeout:.0f} s (--worker-timeout); its output is above.") from None
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         sys.stderr.write(p.stdout[-3000:] + p.stderr[-5000:])
-        raise SystemExit(f"{name} failed (exit {p.returncode}); its output is above.")
+        last = next((x for x in reversed(p.stderr.splitlines()) if x.strip()), "")
+        raise WorkerFailed(f"{name} failed (exit {p.returncode}): {last[:300]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+class WorkerFailed(SystemExit):
+    """A benchmark worker failed; a SystemExit, so a script that does not catch it ends with its message."""
+
+
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def _permuted(train: Path, seed: int, tmp: Path) -> Path:
@@ -263,11 +296,19 @@ def _summarise(runs: list[dict]) -> dict:
 
 
 def table(results: dict[str, dict], baseline: str) -> str:
+    """One row per config; a config whose workers failed gets a row saying so. On a GPU, peak GPU memory too."""
     base = results.get(baseline)
+    base = base if base and "failed" not in base else None
+    gpu = any("peak_gpu_mb" in r for r in results.values())
     head = ["config", "tokens/s", "vs " + baseline, "steady tok/s", "vs " + baseline, "first step s", "peak RSS MB",
             "vs " + baseline, "tokens seen", "trained tok", "train loss", "held-out loss", "by seed"]
+    if gpu:
+        head[8:8] = ["peak GPU MB", "vs " + baseline]
     rows = [head]
     for name, r in results.items():
+        if "failed" in r:
+            rows.append([name, r["failed"][:160]] + [""] * (len(head) - 2))
+            continue
         tps = f"{base and r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         rss = f"{base and r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
         steady = f"{base and r['steady_tokens_per_s'] / base['steady_tokens_per_s']:.2f}x" if base else "-"
@@ -276,6 +317,9 @@ def table(results: dict[str, dict], baseline: str) -> str:
         rows.append([name, f"{r['tokens_per_s']:,.0f}", tps, f"{r['steady_tokens_per_s']:,.0f}", steady,
                      f"{r['first_step_s']:.1f}", f"{r['peak_rss_mb']:,.0f}", rss, f"{r['tokens']:,}",
                      f"{r['trained_tokens']:,}", f"{r['final_loss']:.4f}", loss, seeds])
+        if gpu:
+            vram = f"{base and r['peak_gpu_mb'] / base['peak_gpu_mb']:.2f}x" if base and "peak_gpu_mb" in base else "-"
+            rows[-1][8:8] = [f"{r.get('peak_gpu_mb', 0):,}", vram]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     fmt = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join([fmt[0], "-+-".join("-" * w for w in widths), *fmt[1:]])
@@ -303,7 +347,20 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval-limit", type=int, default=60, help="held-out records from examples/data/test.jsonl")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", help="also write the results here (rewritten after every config)")
+    ap.add_argument("--shape", help="train a random-init model of this real shape instead of the embedded model, "
+                    "from benchmarks/shapes.py (llama-3.2-1b, qwen2.5-7b, gemma-2-2b); with --tiny, a tiny one "
+                    "of its family")
+    ap.add_argument("--tokenizer", help="tokenizer folder of the --shape model (default: the embedded model's)")
+    ap.add_argument("--shape-dir", help="keep the --shape model in DIR/SHAPE and reuse it there (default: a temporary "
+                    "folder, deleted at the end)")
+    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base for every trainer (CUDA + bitsandbytes)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every trainer")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no worker after this many seconds (0: no limit); the table has what finished")
+    ap.add_argument("--worker-timeout", type=float, default=0.0, help="seconds before a worker is killed (0: none)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a config whose worker fails gets a 'failed' row; the other configs still run")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -319,36 +376,68 @@ def main() -> None:
     if importlib.util.find_spec("trl") is None:
         print("TRL is not installed (pip install -e '.[bench]'): running the tunesmith configs only.", flush=True)
         configs = [c for c in configs if not c.startswith("trl")] or ["tunesmith"]
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_bench-") as d:
         tmp = Path(d)
+        model, label = _base_model(a, tmp)
         if a.tiny:
-            from tunesmith.finetune.tiny import build_tiny_model
-
-            model = str(build_tiny_model(tmp / "tiny"))
             a.steps, a.batch, a.max_length, a.r, a.alpha, a.eval_limit, a.repeats = 3, 2, 128, 4, 8, 8, 1
             a.epochs, seeds = 0.0, seeds[:2]
-        else:
-            from tunesmith.finetune import resolve_base_model
-
-            model = resolve_base_model("embedded")
         results: dict[str, dict] = {}
         for c in configs:
-            runs = []
-            for seed in seeds:
-                train = _permuted(Path(a.train), seed, tmp) if a.permute else Path(a.train)
-                for i in range(a.repeats):
-                    runs.append({**_spawn(c, a, model, tmp, seed, i, train), "seed": seed})
-                    print(f"{c} seed {seed}: {runs[-1]['tokens_per_s']} tokens/s, held-out loss "
-                          f"{runs[-1]['eval_loss']}", file=sys.stderr, flush=True)
-            results[c] = _summarise(runs)
-    print(f"LoRA SFT, {'tiny random model' if a.tiny else 'SmolLM2-135M-Instruct (embedded)'}: r={a.r} "
-          f"alpha={a.alpha} all-linear, micro-batch {a.batch} x {a.max_length} tokens, "
+            runs, failed = [], ""
+            try:
+                for seed in seeds:
+                    train = _permuted(Path(a.train), seed, tmp) if a.permute else Path(a.train)
+                    for i in range(a.repeats):
+                        if a.budget_s and time.perf_counter() - start > a.budget_s:
+                            raise WorkerFailed(f"not run: --budget-s {a.budget_s:.0f} s spent")
+                        runs.append({**_spawn(c, a, model, tmp, seed, i, train), "seed": seed})
+                        print(f"{c} seed {seed}: {runs[-1]['tokens_per_s']} tokens/s, held-out loss "
+                              f"{runs[-1]['eval_loss']}", file=sys.stderr, flush=True)
+            except WorkerFailed as e:
+                if not a.keep_going:
+                    raise
+                failed = str(e)
+                print(f"{c}: {failed}", file=sys.stderr, flush=True)
+            results[c] = _summarise(runs) if runs else {"failed": failed}
+            if a.json:
+                Path(a.json).write_text(json.dumps(results, indent=2))
+    machine = f"{os.cpu_count()} CPUs"
+    import torch
+
+    if torch.cuda.is_available():
+        machine += f", GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    print(f"LoRA SFT, {label}: r={a.r} alpha={a.alpha} all-linear{', 4-bit NF4 base (QLoRA)' if a.qlora else ''}"
+          f"{', gradient checkpointing' if a.grad_ckpt else ''}, micro-batch {a.batch} x {a.max_length} tokens, "
           f"{f'{a.epochs:g} epoch(s)' if a.epochs else f'{a.steps} steps'}, seeds {seeds}"
           f"{' (training file permuted per seed)' if a.permute else ''}, speed best of "
-          f"{a.repeats * len(seeds)}, {os.cpu_count()} CPUs, precision auto = {str(_auto_dtype()).removeprefix('torch.')}")
+          f"{a.repeats * len(seeds)}, {machine}, precision auto = {str(_auto_dtype()).removeprefix('torch.')}")
     print(table(results, a.baseline if a.baseline in results else configs[0]))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+def _base_model(a: argparse.Namespace, tmp: Path) -> tuple[str, str]:
+    """The model folder every worker loads, and its label for the table."""
+    if a.shape:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from shapes import build_shape_model, describe
+
+        tokenizer = a.tokenizer
+        if tokenizer is None and not a.tiny:
+            from tunesmith.finetune import resolve_base_model
+
+            tokenizer = resolve_base_model("embedded")
+        t0 = time.perf_counter()
+        path = build_shape_model(a.shape, Path(a.shape_dir or tmp) / a.shape, tokenizer, tiny=a.tiny)
+        print(f"{a.shape}: built and saved in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return str(path), describe(a.shape, a.tiny)
+    if a.tiny:
+        from tunesmith.finetune.tiny import build_tiny_model
+
+        return str(build_tiny_model(tmp / "tiny")), "tiny random model"
+    from tunesmith.finetune import resolve_base_model
+
+    return resolve_base_model("embedded"), "SmolLM2-135M-Instruct (embedded)"
 
 
 if __name__ == "__main__":

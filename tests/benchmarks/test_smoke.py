@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -69,16 +71,12 @@ def test_api_latency_tiny_prints_table():
 
 
 def test_gguf_bench_tiny_prints_table():
-    import pytest
-
     pytest.importorskip("xllamacpp", reason="the GGUF benchmark needs the xllamacpp wheel")
     out = _run("gguf_bench.py", "--quants", "f16,q8_0")
     assert "generate: raw" in out and "stream: raw" in out and "q8_0" in out
 
 
 def test_dpo_bench_tiny_prints_both_trainers_and_their_losses_per_step():
-    import pytest
-
     pytest.importorskip("trl", reason="the DPO benchmark compares against TRL (pip install -e '.[bench]')")
     out = _run("dpo_bench.py")
     speed, _, per_step = out.partition("Loss per step")
@@ -110,3 +108,55 @@ def test_long_prompt_tiny_prints_a_row_per_chunk():
     rows = _rows(out)
     assert set(rows) == {"off", "16", "64"} and "streams' longest gap ms" in out
     assert all(len(cells) == 5 for cells in rows.values())
+
+
+def _shapes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shapes", ROOT / "benchmarks" / "shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shapes_have_their_checkpoints_parameter_counts():
+    """The GPU tables are only about the real models if the random ones have their exact shapes."""
+    shapes = _shapes()
+    published = {"llama-3.2-1b": 1_235_814_400, "qwen2.5-7b": 7_615_616_512, "gemma-2-2b": 2_614_341_888}
+    assert {name: shapes.parameters(name) for name in shapes.SHAPES} == published
+    assert shapes.describe("qwen2.5-7b") == "qwen2.5-7b shape (random init, 7.62B parameters)"
+
+
+def test_train_bench_tiny_shape_keeps_going_past_a_failed_config(tmp_path):
+    """What the GPU run (benchmarks/gpu.sh) relies on: a shape's family trains, and a config that fails (Liger
+    needs a GPU) becomes a row saying why while the others still run and reach the JSON."""
+    import json
+
+
+    pytest.importorskip("trl")
+    out = _run("train_bench.py", "--shape", "gemma-2-2b", "--configs", "tunesmith,trl-liger,trl-packed",
+               "--keep-going", "--shape-dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert "gemma-2-2b (tiny random model of its family)" in out
+    rows = _rows(out)
+    assert rows["tunesmith"][1] and rows["tunesmith"][1].endswith("x") and rows["trl-packed"][1] == "1.00x", out
+    assert rows["trl-liger"][0].startswith("trl-liger failed (exit 1): "), out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results) == {"tunesmith", "trl-liger", "trl-packed"} and "failed" in results["trl-liger"]
+    assert json.loads((tmp_path / "gemma-2-2b" / "shape.json").read_text())["tiny"] is True
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_section_tiny_on_a_cpu(tmp_path):
+    """benchmarks/gpu.sh is what a lent GPU runs once, in minutes it cannot spare on a shell typo: its tiny CPU run
+    goes through every section and writes every table."""
+    env = {**os.environ, "TINY": "1", "OUT": str(tmp_path), "PY": sys.executable}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    log = (tmp_path / "gpu.log").read_text()
+    for section in ("train llama-3.2-1b", "train qwen2.5-7b-qlora", "chat llama-3.2-1b", "train qwen2.5-7b ("):
+        assert f"== {section}" in log, log[-3000:]
+    assert "skipped" not in log and "== done" in log
+    assert sorted(x.name for x in tmp_path.glob("*.json")) == [
+        "train-llama-3.2-1b.json", "train-qwen2.5-7b-qlora.json", "train-qwen2.5-7b.json"]
+    assert "QLoRA (lora.load_in_4bit: true) needs a CUDA GPU" in log  # a CPU's QLoRA rows fail, and say why
