@@ -9,8 +9,8 @@
 Engines (`--only` names): `tunesmith` (`Generator.stream`, exact weights; batched: that many concurrent streams,
 on threads, rows of its continuous batch), `tunesmith-int8` (the same
 with `decode_weights="int8"`, a second load: int8 swaps the model's linear layers in place), `tunesmith-compiled`
-(int8 and `compile_decode=True`: single streams decode through a compiled step; its load time, compile included, is
-printed), `transformers` (the
+(`decode_weights="auto"`, int8 on a CPU and exact on a GPU, and `compile_decode=True`: streams decode through a
+compiled step; its load time, compile included, is printed), `transformers` (the
 baseline: a plain `from_pretrained` model, `generate` + `TextIteratorStreamer` in a thread, and `pipeline(...,
 batch_size=N)`), `llama.cpp` (raw xllamacpp on the embedded Q4_1 GGUF of the same model; with `--tiny`, the tiny model
 exported to f16: one slot for the single stream, N slots for the N concurrent requests). One model is in memory at a
@@ -295,6 +295,8 @@ def main() -> None:
     ap.add_argument("--shape", help="decode a random-init model of this real shape (benchmarks/shapes.py), built "
                     "first; its answers run to --max-new-tokens (random weights rarely say EOS)")
     ap.add_argument("--tokenizer", help="tokenizer folder of the --shape model (default: the embedded model's)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="an engine that fails becomes a note under the tables; the others still run")
     ap.add_argument("--shape-dir", help="keep the --shape model in DIR/SHAPE and reuse it there (default: a temporary "
                     "folder, deleted at the end)")
     a = ap.parse_args()
@@ -366,13 +368,15 @@ def main() -> None:
         per_slot = max(longest + a.max_new_tokens + 16, 160 * a.turns)  # the chat: ~25 + 64 + 50 tokens a turn
         gguf_name = "f16" if a.tiny or a.shape else "embedded Q4_1"
         cb, pc = not a.no_continuous_batching, not a.no_prefix_cache
+        auto_weights = "int8" if device == "cpu" else "exact"  # what decode_weights="auto" picks
         engines: dict[str, tuple[str, str, str, Callable[[], tuple[Stream, Batch]]]] = {  # name: paths, skip, build
             "tunesmith": ("Generator.stream", f"{a.concurrency} streams at once", "",
                           lambda: _tunesmith(ours, "exact", continuous=cb, prefix_cache=pc)),
             "tunesmith-int8": ('stream, decode_weights="int8"', f"{a.concurrency} streams, int8", "",
                                lambda: _tunesmith(ours, "int8", continuous=cb, prefix_cache=pc)),
-            "tunesmith-compiled": ('stream, int8, compile_decode=True', f"{a.concurrency} streams, int8, compiled", "",
-                                   lambda: _tunesmith(ours, "int8", compiled=True, notes=notes, continuous=cb,
+            "tunesmith-compiled": (f'stream, {auto_weights}, compile_decode=True',
+                                   f"{a.concurrency} streams, {auto_weights}, compiled", "",
+                                   lambda: _tunesmith(ours, "auto", compiled=True, notes=notes, continuous=cb,
                                                       prefix_cache=pc)),
             "transformers": ("generate + TextIteratorStreamer" + (" (peft)" if a.run else ""),
                              f"pipeline, batch_size {a.concurrency}", "",
@@ -386,9 +390,17 @@ def main() -> None:
             if skip:
                 notes.append(f"{name}: {skip}")
                 continue
-            stream, batch = build()
-            stream_rows[name], batch_rows[name] = _measure(stream, batch, prompts, a, count)
-            turn_rows[name] = _turns(stream, a, count, render)
+            try:
+                stream, batch = build()
+                stream_rows[name], batch_rows[name] = _measure(stream, batch, prompts, a, count)
+                turn_rows[name] = _turns(stream, a, count, render)
+            except Exception as e:  # one engine failing (a GPU run's compiled step, say) leaves the others' rows
+                if not a.keep_going:
+                    raise
+                notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
+                for rows in (stream_rows, batch_rows, turn_rows):
+                    rows.pop(name, None)
+                continue
             stream_rows[name]["how"], batch_rows[name]["how"] = stream_how, batch_how
             gc.collect()  # one model in memory at a time: the engine's closures are gone
 

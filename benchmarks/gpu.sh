@@ -81,6 +81,6 @@ train llama-3.2-1b 120 --shape llama-3.2-1b --configs tunesmith,trl-packed,trl-l
 train qwen2.5-7b-qlora 150 --shape qwen2.5-7b --qlora --grad-ckpt --configs tunesmith,trl-packed,trl-liger \
   --max-length 2048 --batch 4 --steps 20
 section "chat llama-3.2-1b" 60 "$PY" benchmarks/chat_bench.py "${tiny[@]}" "${tok[@]}" --shape-dir /tmp/shapes \
-  --shape llama-3.2-1b --only tunesmith,transformers --max-new-tokens 128
+  --shape llama-3.2-1b --only tunesmith,transformers,tunesmith-compiled --keep-going --max-new-tokens 128
 train qwen2.5-7b 120 --shape qwen2.5-7b --configs tunesmith,trl-packed --max-length 2048 --batch 2 --steps 20
 echo "== done $(date -u +%T)" | tee -a "$LOG"
