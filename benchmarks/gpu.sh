@@ -55,32 +55,35 @@ if torch.cuda.is_available():  # the ceiling the tables are read against: one bi
 PY
 } 2>&1 | tee -a "$LOG"
 
-section() {  # section NAME SECONDS_IT_NEEDS_AT_LEAST COMMAND...
-  local name=$1 need=$2 left
-  shift 2
+section() {  # section NAME NEEDS CAP COMMAND...: run if NEEDS seconds are left, for at most CAP of them
+  local name=$1 need=$2 cap=$3 left
+  shift 3
   left=$(( END - $(date +%s) ))
   if [ "$left" -lt "$need" ]; then
     echo "== $name: skipped, ${left} s left (needs ${need})" | tee -a "$LOG"
     return
   fi
-  echo "== $name ($(date -u +%T), ${left} s left): $*" | tee -a "$LOG"
+  [ "$left" -gt "$cap" ] && left=$cap
+  echo "== $name ($(date -u +%T), ${left} s for it): $*" | tee -a "$LOG"
   timeout "$left" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]|^\s*$" | tee -a "$LOG"
 }
 
-train() {  # train NAME NEED ARGS...: train_bench on a shape, every config in its own process, failures kept as rows
-  local name=$1 need=$2 left
-  shift 2
+train() {  # train NAME NEEDS CAP ARGS...: train_bench on a shape, each config in its own process, failures as rows
+  local name=$1 need=$2 cap=$3 left
+  shift 3
   left=$(( END - $(date +%s) ))
-  section "train $name" "$need" "$PY" benchmarks/train_bench.py "${tiny[@]}" "${tok[@]}" --shape-dir /tmp/shapes \
-    --repeats 1 --keep-going --budget-s $(( left - 60 )) --worker-timeout 300 --eval-limit 30 \
-    --json "$OUT/train-$name.json" "$@"
+  [ "$left" -gt "$cap" ] && left=$cap
+  section "train $name" "$need" "$cap" "$PY" benchmarks/train_bench.py "${tiny[@]}" "${tok[@]}" \
+    --shape-dir /tmp/shapes --repeats 1 --keep-going --budget-s $(( left - 50 )) --worker-timeout "$left" \
+    --eval-limit 30 --json "$OUT/train-$name.json" "$@"
 }
 
-train llama-3.2-1b 120 --shape llama-3.2-1b --configs tunesmith,trl-packed,trl-liger,tunesmith-compiled \
+# (the JSON of a section is rewritten after each config, so a section cut at its cap keeps the configs it finished)
+train llama-3.2-1b 120 210 --shape llama-3.2-1b --configs tunesmith,trl-packed,trl-liger,tunesmith-compiled \
   --max-length 2048 --batch 4 --steps 30
-train qwen2.5-7b-qlora 150 --shape qwen2.5-7b --qlora --grad-ckpt --configs tunesmith,trl-packed,trl-liger \
+train qwen2.5-7b-qlora 150 210 --shape qwen2.5-7b --qlora --grad-ckpt --configs tunesmith,trl-packed,trl-liger \
   --max-length 2048 --batch 4 --steps 20
-section "chat llama-3.2-1b" 60 "$PY" benchmarks/chat_bench.py "${tiny[@]}" "${tok[@]}" --shape-dir /tmp/shapes \
+section "chat llama-3.2-1b" 60 120 "$PY" benchmarks/chat_bench.py "${tiny[@]}" "${tok[@]}" --shape-dir /tmp/shapes \
   --shape llama-3.2-1b --only tunesmith,transformers,tunesmith-compiled --keep-going --max-new-tokens 128
-train qwen2.5-7b 120 --shape qwen2.5-7b --configs tunesmith,trl-packed --max-length 2048 --batch 2 --steps 20
+train qwen2.5-7b 100 600 --shape qwen2.5-7b --configs tunesmith,trl-packed --max-length 2048 --batch 2 --steps 20
 echo "== done $(date -u +%T)" | tee -a "$LOG"
