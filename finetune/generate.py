@@ -97,16 +97,42 @@ def ends_in_stop(tokenizer: Any, new: Sequence[int], stop: Sequence[str]) -> boo
     return any(s in tail for s in stop)
 
 
-def stable_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """The text of `ids` that later tokens cannot change: all of it, unless it ends in half a UTF-8 character.
+class TextStream:
+    """The streamed text of a growing answer, decoded a few tokens at a time.
 
-    Then the next bytes may still complete it. A character has at most 4 bytes, so the text before the last 3
-    tokens is final: bytes that never make a character (a model writing garbage) do not hold the whole answer back
-    until the end, as waiting for a clean end did."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if not text.endswith("\ufffd"):
-        return text
-    return tokenizer.decode(ids[:-3], skip_special_tokens=True) if len(ids) > 3 else ""
+    Decoding the whole answer at every token (what this replaced) made streaming quadratic: 0.3 ms a token at
+    1,000 tokens, per stream, under the GIL, i.e. ~5 ms of every decode step with 16 long answers streaming. As
+    vLLM and TGI do, each update decodes only the tokens since the last text plus those of the text before, for
+    context (a SentencePiece piece's leading space depends on what precedes it), and appends the difference.
+
+    Text is final once decoded, except that an answer ending in half a UTF-8 character waits for the next bytes: a
+    character has at most 4 bytes, so the text before the last 3 tokens is final; bytes that never make a character
+    (a model writing garbage) do not hold the whole answer back until the end."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._start = 0  # tokens before this are context only
+        self._read = 0  # tokens before this are in `text`
+
+    def update(self, ids: Sequence[int]) -> str:
+        """`ids`: the answer's tokens so far (the previous call's, extended). Returns all the final text."""
+        end = len(ids)
+        window = self._decode(ids[self._start:end])
+        if window.endswith("\ufffd"):  # half a character, or garbage: wait for at most 3 more tokens
+            end = max(self._read, end - 3)
+            window = self._decode(ids[self._start:end])
+        head = self._decode(ids[self._start:self._read])
+        if end > self._read and len(window) > len(head):  # only text moves the window: a piece that shows nothing
+            if window.startswith(head):                   # yet (a lone SentencePiece space) keeps its context
+                self.text += window[len(head):]
+            else:  # a tokenizer whose pieces change their neighbours' text: decode it all (correct, slower)
+                self.text = self._decode(ids[:end])
+            self._start, self._read = self._read, end
+        return self.text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)) if ids else ""
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -443,6 +469,7 @@ class Generator:
         cancel = cancel or threading.Event()
         holdback = max((len(s) for s in p.stop), default=0)
         sent = 0  # characters already yielded
+        decoded = TextStream(self.tokenizer)
 
         def work(put: Any) -> Completion:
             return self._run([prompt], p, cancel, lambda ids: put(ids.tolist()))[0]
@@ -456,7 +483,7 @@ class Generator:
                     yield Chunk("", done=True, completion=final,
                                 logprobs=final.logprobs if len(final.text) <= sent else None)
                     return
-                text = stable_text(self.tokenizer, val)
+                text = decoded.update(val)
                 text, _ = cut_at_stop(text, p.stop)
                 safe = len(text) - holdback  # the tail could still turn into a stop string
                 if safe > sent:

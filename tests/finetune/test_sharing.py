@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from tunesmith.finetune.generate import GenerationParams
@@ -180,21 +181,61 @@ def test_concurrent_calls_share_the_cpu_threads():
         assert alone.threads == total == torch.get_num_threads()
 
 
+def _streamed(tok, ids: list[int]) -> str:
+    """What `Generator.stream` shows of `ids` as they arrive one at a time."""
+    from tunesmith.finetune.generate import TextStream
+
+    text = TextStream(tok)
+    for k in range(1, len(ids) + 1):
+        text.update(ids[:k])
+    return text.text
+
+
 def test_bytes_that_never_make_a_character_still_stream(tiny_gen):
     """A model writing stray UTF-8 pieces (the tiny random one does) used to stream nothing until the end."""
-    from tunesmith.finetune.generate import stable_text
-
     tok = tiny_gen.tokenizer
     a = tok.encode("a", add_special_tokens=False)
     stray = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd" and tok.decode([i, i]) == "\ufffd\ufffd")
-    assert stable_text(tok, a + [stray] * 10) == "a" + "\ufffd" * 7  # the last 3 could still be half a character
+    assert _streamed(tok, a + [stray] * 10) == "a" + "\ufffd" * 7  # the last 3 could still be half a character
     euro = tok.encode("€", add_special_tokens=False)
     assert len(euro) > 1  # byte-level pieces of one 3-byte character
-    assert stable_text(tok, a * 4 + euro[:-1]) == "aaa"  # never half a character: the last 3 tokens wait
-    assert stable_text(tok, a + euro) == "a€"
+    assert _streamed(tok, a * 4 + euro[:-1]) == "aaaa"  # never half a character, never a character taken back
+    assert _streamed(tok, a + euro) == "a€"
     params = GenerationParams(max_new_tokens=60, temperature=0)
     chunks = list(tiny_gen.stream([{"role": "user", "content": "ü"}], params))
     assert "".join(c.text for c in chunks) == chunks[-1].completion.text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "metaspace"])
+def test_streamed_text_is_the_whole_decode_and_costs_linear_time(kind):
+    """Decoding a few tokens at a time gives what decoding everything gives (spaces that depend on the previous
+    piece included), and the tokens decoded over an answer grow linearly with it, not quadratically."""
+    from tunesmith.finetune.generate import TextStream
+    from tunesmith.finetune.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(kind=kind)
+    texts = ["def add(a, b):\n    return a + b\n", "naïve café — 東京 🙂 ok", "  two  spaces\tand tabs ü€ end"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        stream = TextStream(tok)
+        for k in range(1, len(ids) + 1):
+            got = stream.update(ids[:k])
+            whole = tok.decode(ids[:k], skip_special_tokens=True)
+            if not whole.endswith("\ufffd"):
+                assert got == whole, (kind, text, k)
+        assert stream.text == tok.decode(ids, skip_special_tokens=True)
+
+    decoded = []
+
+    class Counting:
+        def decode(self, ids, **kw):
+            decoded.append(len(ids))
+            return tok.decode(ids, **kw)
+
+    ids = tok.encode(" ".join(texts) * 40, add_special_tokens=False)
+    assert len(ids) > 1000
+    assert _streamed(Counting(), ids) == tok.decode(ids, skip_special_tokens=True)
+    assert sum(decoded) < 8 * len(ids)  # decoding everything each time: len(ids)**2 / 2
 
 
 def test_a_vanishing_temperature_decodes_greedily(tiny_gen):
