@@ -333,10 +333,7 @@ def main() -> None:
             sys.path.insert(0, str(Path(__file__).parent))
             from shapes import build_shape_model
 
-            from tunesmith.finetune import resolve_base_model
-
-            tokenizer = a.tokenizer or (None if a.tiny else resolve_base_model("embedded"))
-            source = str(build_shape_model(a.shape, Path(a.shape_dir or d) / a.shape, tokenizer, tiny=a.tiny))
+            source = str(build_shape_model(a.shape, Path(a.shape_dir or d) / a.shape, a.tokenizer, tiny=a.tiny))
         elif a.tiny:
             from tunesmith.finetune.tiny import build_tiny_model
 

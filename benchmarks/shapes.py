@@ -2,7 +2,7 @@
 
 Why: speed and memory of a training step or a decode step depend on a model's shapes, not on its weights, and the
 GPU machine (benchmarks/gpu.sh) reaches no network and carries no checkpoint. `train_bench.py --shape` and
-`chat_bench.py --model` train and decode these as they would the real checkpoints.
+`chat_bench.py --shape` train and decode these as they would the real checkpoints.
 
 `tiny=True` keeps each family's own features (grouped KV heads, q/k/v bias, head_dim 256 and logit softcapping,
 tied or untied embeddings) at a size that builds in a second, for the CPU smoke tests.
@@ -50,11 +50,11 @@ def shape_config(name: str, tokenizer: Any, tiny: bool = False) -> Any:
     return AutoConfig.for_model(kw.pop("model_type"), **kw, **ids)
 
 
-def build_shape_model(name: str, out: str | Path, tokenizer_dir: str | Path | None, tiny: bool = False,
+def build_shape_model(name: str, out: str | Path, tokenizer_dir: str | Path | None = None, tiny: bool = False,
                       seed: int = 0) -> Path:
     """Write a random-init model of shape `name` (bf16 on a GPU, where it is built; fp32 on a CPU) with the tokenizer
-    of `tokenizer_dir` (None: tunesmith's tiny test tokenizer) to `out`, and return `out`. A folder this wrote
-    before with the same arguments is reused (a 7B model is 15 GB to write)."""
+    of `tokenizer_dir` (None: the embedded model's; with `tiny`, tunesmith's tiny test tokenizer) to `out`, and
+    return `out`. A folder this wrote before with the same arguments is reused (a 7B model is 15 GB to write)."""
     import json
 
     import torch
@@ -62,15 +62,19 @@ def build_shape_model(name: str, out: str | Path, tokenizer_dir: str | Path | No
 
     from tunesmith.finetune.tiny import build_tiny_tokenizer
 
+    if tokenizer_dir is None and not tiny:
+        from tunesmith.finetune import resolve_base_model
+
+        tokenizer_dir = resolve_base_model("embedded")
     out = Path(out)
-    stamp = {"shape": name, "tiny": tiny, "tokenizer": str(tokenizer_dir), "seed": seed, "cuda": torch.cuda.is_available()}
+    cuda = torch.cuda.is_available()
+    stamp = {"shape": name, "tiny": tiny, "tokenizer": str(tokenizer_dir), "seed": seed, "cuda": cuda}
     if (out / "shape.json").exists() and json.loads((out / "shape.json").read_text()) == stamp:
         return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg = shape_config(name, tok, tiny)
-    cuda = torch.cuda.is_available()
     torch.manual_seed(seed)
     with torch.device("cuda" if cuda else "cpu"):  # a 7B model initialises in seconds on the GPU, minutes on a CPU
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32)

@@ -83,7 +83,7 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
     from tunesmith.finetune import load_config, train
 
     precision = "fp32" if a.worker == "tunesmith-fp32" else "auto"
-    compile_mode = "off" if a.worker == "tunesmith-eager" else "auto"
+    compile_mode = {"tunesmith-eager": "off", "tunesmith-compiled": "on"}.get(a.worker, "auto")
     if a.worker == "tunesmith-fileorder":  # an experiment, not an option: which examples share a packed row
         import tunesmith.finetune.trainer as trainer
         from tunesmith.finetune.data import pack
@@ -113,7 +113,7 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
         f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
         f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}",
-        f"train.compile={'on' if a.worker == 'tunesmith-compiled' else compile_mode}",
+        f"train.compile={compile_mode}",
         f"lora.load_in_4bit={str(a.qlora).lower()}", f"train.gradient_checkpointing={str(a.grad_ckpt).lower()}"])
     summary = train(cfg)
     rss = _peak_rss_mb()
@@ -422,13 +422,8 @@ def _base_model(a: argparse.Namespace, tmp: Path) -> tuple[str, str]:
         sys.path.insert(0, str(Path(__file__).parent))
         from shapes import build_shape_model, describe
 
-        tokenizer = a.tokenizer
-        if tokenizer is None and not a.tiny:
-            from tunesmith.finetune import resolve_base_model
-
-            tokenizer = resolve_base_model("embedded")
         t0 = time.perf_counter()
-        path = build_shape_model(a.shape, Path(a.shape_dir or tmp) / a.shape, tokenizer, tiny=a.tiny)
+        path = build_shape_model(a.shape, Path(a.shape_dir or tmp) / a.shape, a.tokenizer, tiny=a.tiny)
         print(f"{a.shape}: built and saved in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         return str(path), describe(a.shape, a.tiny)
     if a.tiny:

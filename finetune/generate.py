@@ -122,9 +122,11 @@ class TextStream:
         if window.endswith("\ufffd"):  # half a character, or garbage: wait for at most 3 more tokens
             end = max(self._read, end - 3)
             window = self._decode(ids[self._start:end])
+        if end <= self._read:
+            return self.text
         head = self._decode(ids[self._start:self._read])
-        if end > self._read and len(window) > len(head):  # only text moves the window: a piece that shows nothing
-            if window.startswith(head):                   # yet (a lone SentencePiece space) keeps its context
+        if len(window) > len(head):  # only text moves the window: a piece that shows nothing yet (a lone
+            if window.startswith(head):  # SentencePiece space) keeps its context
                 self.text += window[len(head):]
             else:  # a tokenizer whose pieces change their neighbours' text: decode it all (correct, slower)
                 self.text = self._decode(ids[:end])
