@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import signal
 import statistics
 import tempfile
 import threading
@@ -139,7 +141,8 @@ def _transformers(source: str, tok: Any, dtype: Any, device: str, run: str | Non
 
     from tunesmith.finetune import resolve_base_model
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_base_model(source), dtype=dtype, device_map=device).eval()
+    model = AutoModelForCausalLM.from_pretrained(  # use_kernels=False: the Hub kernels transformers would fetch on a GPU
+        resolve_base_model(source), dtype=dtype, device_map=device, use_kernels=False).eval()
     if run:
         from peft import PeftModel
 
@@ -300,6 +303,7 @@ def main() -> None:
     ap.add_argument("--shape-dir", help="keep the --shape model in DIR/SHAPE and reuse it there (default: a temporary "
                     "folder, deleted at the end)")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a time limit's SIGTERM ends like Ctrl-C: tables kept
     only = [e.strip() for e in a.only.split(",") if e.strip()]
     if bad := [e for e in only if e not in ENGINES]:
         ap.error(f"--only {','.join(bad)}: not an engine; pick from {','.join(ENGINES)}")
@@ -382,24 +386,29 @@ def main() -> None:
                           "" if llamacpp_available() else "skipped: xllamacpp is not installed (pip install xllamacpp)",
                           lambda: _llamacpp(gguf(), tok, per_slot, a.concurrency, threads)),
         }
-        for name in only:
-            stream_how, batch_how, skip, build = engines[name]
-            if skip:
-                notes.append(f"{name}: {skip}")
-                continue
-            try:
-                stream, batch = build()
-                stream_rows[name], batch_rows[name] = _measure(stream, batch, prompts, a, count)
-                turn_rows[name] = _turns(stream, a, count, render)
-            except Exception as e:  # one engine failing (a GPU run's compiled step, say) leaves the others' rows
-                if not a.keep_going:
-                    raise
-                notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
-                for rows in (stream_rows, batch_rows, turn_rows):
-                    rows.pop(name, None)
-                continue
-            stream_rows[name]["how"], batch_rows[name]["how"] = stream_how, batch_how
-            gc.collect()  # one model in memory at a time: the engine's closures are gone
+        cut, name = False, ""
+        try:
+            for name in only:
+                stream_how, batch_how, skip, build = engines[name]
+                if skip:
+                    notes.append(f"{name}: {skip}")
+                    continue
+                try:
+                    stream, batch = build()
+                    stream_rows[name], batch_rows[name] = _measure(stream, batch, prompts, a, count)
+                    stream_rows[name]["how"], batch_rows[name]["how"] = stream_how, batch_how
+                    turn_rows[name] = _turns(stream, a, count, render)
+                except Exception as e:  # one engine failing (a GPU run's compiled step, say) leaves the others' rows
+                    if not a.keep_going:
+                        raise
+                    notes.append(f"{name}: FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    for rows in (stream_rows, batch_rows, turn_rows):
+                        rows.pop(name, None)
+                    continue
+                gc.collect()  # one model in memory at a time: the engine's closures are gone
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a time limit (gpu.sh's sections): print what finished
+            cut = True
+            notes.append(f"cut short while {name} ran: the tables hold what finished before")
 
     model = "tiny random model" if a.tiny else "SmolLM2-135M-Instruct (embedded)"
     if a.shape:
@@ -432,7 +441,9 @@ def main() -> None:
     print(_table(["engine", "TTFT turn 1 ms", f"TTFT turn {a.turns} ms", f"prompt tokens turn {a.turns}",
                   "every turn ms", "last turn: llama.cpp ms / ms"], rows))
     for note in notes:
-        print(f"note: {note}")
+        print(f"note: {note}", flush=True)
+    if cut:  # the engine's generator threads may still be decoding: leave without waiting for them
+        os._exit(124)
 
 
 if __name__ == "__main__":

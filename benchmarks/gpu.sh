@@ -4,6 +4,7 @@
 #
 #   here:  bash benchmarks/gpu_prep.sh            # fills .gpu/ (wheels, tunesmith, tokenizer), ~28 MB
 #   there: bash benchmarks/gpu.sh                 # device run, carry [".gpu"], timeout_s 600
+#   there, with ~5 minutes of device time left:  QUICK=1 GPU_BUDGET_S=250 bash benchmarks/gpu.sh
 #   here, on a CPU, in seconds (what CI's smoke test runs):  TINY=1 bash benchmarks/gpu.sh
 #
 # Sections run in order of what the issue needs most, each only while time is left (GPU_BUDGET_S, default 520 s
@@ -65,7 +66,7 @@ section() {  # section NAME NEEDS CAP COMMAND...: run if NEEDS seconds are left,
   fi
   [ "$left" -gt "$cap" ] && left=$cap
   echo "== $name ($(date -u +%T), ${left} s for it): $*" | tee -a "$LOG"
-  timeout "$left" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]|^\s*$" | tee -a "$LOG"
+  timeout -k 15 "$left" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]|examples/s\]|^\s*$" | tee -a "$LOG"
 }
 
 train() {  # train NAME NEEDS CAP ARGS...: train_bench on a shape, each config in its own process, failures as rows
@@ -78,12 +79,25 @@ train() {  # train NAME NEEDS CAP ARGS...: train_bench on a shape, each config i
     --eval-limit 30 --json "$OUT/train-$name.json" "$@"
 }
 
+# the compiled decode in a process of its own: a crash there (inductor) must not take the eager rows with it
+chat() {
+  section "chat llama-3.2-1b $1" 45 "$2" "$PY" benchmarks/chat_bench.py "${tiny[@]}" "${tok[@]}" --shape-dir /tmp/shapes \
+    --shape llama-3.2-1b --only "$1" --keep-going --max-new-tokens 128 --repeats 1 --turns 3
+}
 # (the JSON of a section is rewritten after each config, so a section cut at its cap keeps the configs it finished)
-train llama-3.2-1b 120 210 --shape llama-3.2-1b --configs tunesmith,trl-packed,trl-liger,tunesmith-compiled \
-  --max-length 2048 --batch 4 --steps 30
-train qwen2.5-7b-qlora 150 210 --shape qwen2.5-7b --qlora --grad-ckpt --configs tunesmith,trl-packed,trl-liger \
-  --max-length 2048 --batch 4 --steps 20
-section "chat llama-3.2-1b" 60 120 "$PY" benchmarks/chat_bench.py "${tiny[@]}" "${tok[@]}" --shape-dir /tmp/shapes \
-  --shape llama-3.2-1b --only tunesmith,transformers,tunesmith-compiled --keep-going --max-new-tokens 128
-train qwen2.5-7b 100 600 --shape qwen2.5-7b --configs tunesmith,trl-packed --max-length 2048 --batch 2 --steps 20
+if [ -n "${QUICK:-}" ]; then  # ~4 minutes, one model built once: what is left of a session's device time after a retry
+  train llama-3.2-1b 60 110 --shape llama-3.2-1b --configs tunesmith,trl-packed,trl-liger --max-length 2048 --batch 4 \
+    --steps 20
+  train llama-3.2-1b-qlora 45 65 --shape llama-3.2-1b --qlora --configs tunesmith,trl-packed --max-length 2048 --batch 4 \
+    --steps 20
+  chat tunesmith,transformers 90
+else
+  train llama-3.2-1b 120 210 --shape llama-3.2-1b --configs tunesmith,trl-packed,trl-liger,tunesmith-compiled \
+    --max-length 2048 --batch 4 --steps 30
+  train qwen2.5-7b-qlora 150 210 --shape qwen2.5-7b --qlora --grad-ckpt --configs tunesmith,trl-packed,trl-liger \
+    --max-length 2048 --batch 4 --steps 20
+  chat tunesmith,transformers 70
+  chat tunesmith-compiled 70
+  train qwen2.5-7b 100 600 --shape qwen2.5-7b --configs tunesmith,trl-packed --max-length 2048 --batch 2 --steps 20
+fi
 echo "== done $(date -u +%T)" | tee -a "$LOG"

@@ -11,7 +11,9 @@ BNB=${BNB:-0.50.2}
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/tokenizer
 ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pkgs=()
-for p in transformers peft accelerate trl datasets dill multiprocess; do pkgs+=("$p==$(ver $p)"); done
+# transformers checks huggingface-hub's version at import and loads every model through `kernels`; hub 2.x talks through
+# httpx2 (the image has hub 1.x and neither of the others)
+for p in transformers peft accelerate trl datasets dill multiprocess huggingface_hub httpx2 httpcore2 truststore kernels tomlkit; do pkgs+=("$p==$(ver $p)"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -d .gpu/whl "${pkgs[@]}" "liger-kernel==$LIGER" "bitsandbytes==$BNB"

@@ -174,7 +174,8 @@ def _run_trl(a: argparse.Namespace, out: Path) -> dict:
 
         quant["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, **quant)
+    # use_kernels=False: transformers' default fetches Hub kernels on a GPU, which fails offline (Liger is the kernel row)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, use_kernels=False, **quant)
     packed = a.worker in ("trl-packed", "trl-liger")
     args = SFTConfig(
         output_dir=str(out), max_steps=-1 if a.epochs else a.steps, num_train_epochs=a.epochs or 1,

@@ -75,7 +75,7 @@ def materialize_gguf(gguf: Path) -> Path:
     kw = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), quantization_config=GgufConfig(dequantize=True), **kw
+        str(gguf.parent), quantization_config=GgufConfig(dequantize=True), **kw, **_kernels_kw()
     )
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
@@ -171,6 +171,16 @@ _dns: tuple[float, bool] | None = None
 _clock = time.monotonic
 
 
+def _kernels_kw() -> dict[str, Any]:
+    """transformers 5.x swaps layers for Hugging Face Hub kernels on every `from_pretrained` by default (`kernels` is
+    one of its dependencies): on a GPU that downloads and runs Hub code at load time, and with no Hub the first
+    `model.train()` fails ("Version 2 of 'kernels-community/rotary' is not available in the local cache"; seen on an
+    H200 offline). tunesmith runs no Hub code unless asked: USE_HUB_KERNELS=1 hands the choice back to transformers."""
+    if os.environ.get("USE_HUB_KERNELS", "").strip().upper() in {"1", "YES", "TRUE", "ON"}:
+        return {}
+    return {"use_kernels": False}
+
+
 def _offline_kw(path: str) -> dict[str, Any]:
     """For a hub id with no route to the Hub, this call uses the local HF cache only: it fails in a second, not after
     retries. Only this call: the global HF_HUB_OFFLINE is never set, so a DNS hiccup in a long-running server does
@@ -233,7 +243,7 @@ def load_base_model(
     path = resolve_base_model(name)
     if trust_remote_code:
         log.warning("trust_remote_code is on: Python code shipped with %s will run on this machine.", name)
-    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **_kernels_kw()}
     if load_in_4bit:
         kw["quantization_config"] = _qlora_config(dtype)
         kw["device_map"] = {"": torch.device(device).index or 0}

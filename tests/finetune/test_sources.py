@@ -80,3 +80,15 @@ def test_local_folders_never_ask_dns(tiny_model_dir: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     assert model_mod._offline_kw(str(tiny_model_dir)) == {}
+
+
+def test_no_hub_kernels_unless_asked(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.x would swap layers for Hub kernels at load (fetched on a GPU; offline, the first
+    `model.train()` failed on an H200). tunesmith loads without them; USE_HUB_KERNELS=1 gives the choice back."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model = model_mod.load_base_model(str(tiny_model_dir))
+    model.train()
+    assert model.use_kernels is False and model.kernels_mode is None
+    monkeypatch.setenv("USE_HUB_KERNELS", "1")
+    assert model_mod._kernels_kw() == {}
+    assert model_mod.load_base_model(str(tiny_model_dir)).use_kernels is True  # transformers' own default
