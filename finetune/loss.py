@@ -55,7 +55,10 @@ class LossModel(torch.nn.Module):
             keep = targets != IGNORE
             h, t = hidden[keep], targets[keep]
             vocab = causal.config.get_text_config().vocab_size
-            if h.shape[0] * vocab <= 64 * 2**20:  # small: one shot, no recompute
+            head = causal.get_output_embeddings()
+            if not any(p.requires_grad for p in head.parameters()):  # LoRA's frozen head: gradients in the forward
+                return _HeadLoss.apply(h, t, causal, _rows_per_chunk(self.chunk, vocab, h.device))
+            if h.shape[0] * vocab <= 64 * 2**20:  # a trained head, small: one shot, no recompute
                 return _ce_sum(causal, h, t)
             return sum(checkpoint(_ce_sum, causal, h[i: i + self.chunk], t[i: i + self.chunk], use_reentrant=False)
                        for i in range(0, h.shape[0], self.chunk))
@@ -100,6 +103,45 @@ def head_logits(causal: Any, h: torch.Tensor) -> torch.Tensor:
 
 def _ce_sum(causal: Any, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head_logits(causal, h), t, reduction="sum")
+
+
+def _rows_per_chunk(most: int, vocab: int, device: torch.device) -> int:
+    """On a CPU, chunks whose fp32 logits fit in ~12 MB: their softmax then runs in cache, not at the ~6 GB/s a
+    2-core VM streams from memory (49k vocab: 61 rows; head + CE of a quickstart step 133 -> 90 ms). A GPU wants
+    large matmuls: `train.loss_chunk_size` rows."""
+    if device.type != "cpu":
+        return most
+    return max(16, min(most, 12 * 2**20 // (4 * vocab)))
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Output head + cross-entropy summed over chunks of trained positions, each chunk's gradient taken as soon as
+    its logits exist (what Liger's fused linear cross-entropy does, here through the model's own head and
+    `head_logits`, so softcapping and scales need nothing new). One chunk of logits is alive at a time and nothing
+    is recomputed in backward, which only scales the stored gradient. For frozen heads (LoRA): a trained head's
+    gradient would have to be carried the same way, and goes through `_ce_sum` instead."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, t: torch.Tensor, causal: Any, rows: int) -> torch.Tensor:
+        need = bool(ctx.needs_input_grad[0])
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # fp32: fp16 training scales the loss in backward (GradScaler), so unscaled fp16 gradients could underflow
+        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need else None
+        for i in range(0, h.shape[0], rows):
+            hc = h[i: i + rows].detach().requires_grad_(need)
+            with torch.set_grad_enabled(need):
+                loss = _ce_sum(causal, hc, t[i: i + rows])
+            if grad is not None:
+                grad[i: i + rows] = torch.autograd.grad(loss, hc)[0]
+            total += loss.detach().float()
+        ctx.dtype = h.dtype
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * g).to(ctx.dtype) if grad is not None else None, None, None, None
 
 
 @torch.no_grad()
