@@ -2,9 +2,9 @@
 # Issue 15 item 3 in one call of the GPU machine (no network there): LoRA / QLoRA training tokens/s and peak GPU
 # memory, tunesmith vs TRL SFTTrainer (and TRL + Liger), on random-init models of real shapes, then chat decoding.
 #
-#   here:  bash benchmarks/gpu_prep.sh            # fills .gpu/ (wheels, tunesmith, tokenizer), ~28 MB
+#   here:  bash benchmarks/gpu_prep.sh            # fills .gpu/ (wheels, tunesmith, tokenizer), ~32 MB
 #   there: bash benchmarks/gpu.sh                 # device run, carry [".gpu"], timeout_s 600
-#   there, with ~5 minutes of device time left:  QUICK=1 GPU_BUDGET_S=250 bash benchmarks/gpu.sh
+#   there, with ~5 minutes of device time left:  QUICK=1 GPU_BUDGET_S=245 bash benchmarks/gpu.sh
 #   here, on a CPU, in seconds (what CI's smoke test runs):  TINY=1 bash benchmarks/gpu.sh
 #
 # Sections run in order of what the issue needs most, each only while time is left (GPU_BUDGET_S, default 540 s
@@ -75,8 +75,8 @@ train() {  # train NAME NEEDS CAP ARGS...: train_bench on a shape, each config i
   left=$(( END - $(date +%s) ))
   [ "$left" -gt "$cap" ] && left=$cap
   section "train $name" "$need" "$cap" "$PY" benchmarks/train_bench.py "${tiny[@]}" "${tok[@]}" \
-    --shape-dir /tmp/shapes --repeats 1 --keep-going --budget-s $(( left - (left < 150 ? left / 3 : 50) )) --worker-timeout "$left" \
-    --eval-limit 30 --json "$OUT/train-$name.json" "$@"
+    --shape-dir /tmp/shapes --repeats 1 --keep-going --budget-s $(( left - (left < 150 ? left / 3 : 50) )) \
+    --worker-timeout "$left" --eval-limit 30 --json "$OUT/train-$name.json" "$@"
 }
 
 # the compiled decode in a process of its own: a crash there (inductor) must not take the eager rows with it

@@ -103,7 +103,7 @@ class TrainSection:
     log_every: int = 1
     loss_chunk_size: int = 1024
     """Tokens per chunk of the output-head + cross-entropy computation, so 49k-vocab logits are never all in memory
-    (on a CPU at most as many as keep a chunk's logits in cache: ~60 for a 49k vocabulary)."""
+    (on a CPU at most as many as keep a chunk's logits in cache: 64 for a 49k vocabulary)."""
     fused_loss: bool = True
     """Output head + cross-entropy only at trained positions, in chunks (less memory and time). It is checked against
     the model's own loss before the first step; `false` trains through the model's own forward instead."""

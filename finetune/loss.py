@@ -107,7 +107,7 @@ def _ce_sum(causal: Any, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _rows_per_chunk(most: int, vocab: int, device: torch.device) -> int:
     """On a CPU, chunks whose fp32 logits fit in ~12 MB: their softmax then runs in cache, not at the ~6 GB/s a
-    2-core VM streams from memory (49k vocab: 61 rows; head + CE of a quickstart step 133 -> 90 ms). A GPU wants
+    2-core VM streams from memory (49k vocab: 64 rows; head + CE of a quickstart step 119 -> 94 ms). A GPU wants
     large matmuls: `train.loss_chunk_size` rows."""
     if device.type != "cpu":
         return most
