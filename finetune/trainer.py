@@ -192,6 +192,10 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         except ValueError as e:
             raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {e}. Use `auto` or names of linear "
                              f"layers such as {_linear_names(model)}.") from None
+        if t.fused_lora:
+            from .fused_lora import use_fused_lora  # imports peft, as this function does
+
+            use_fused_lora(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

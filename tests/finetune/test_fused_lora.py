@@ -1,0 +1,100 @@
+"""The fused LoRA linear (finetune/fused_lora.py): peft's numbers and gradients, peft's forward wherever the op does
+not apply, and a training run that ends where peft's layers would have taken it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from tunesmith.finetune.config import load_config
+from tunesmith.finetune.fused_lora import FusedLoraLinear, use_fused_lora
+from tunesmith.finetune.trainer import fit, setup
+
+ROOT = Path(__file__).parents[2]
+DATA = f"[{ROOT}/tests/fixtures/messages.jsonl, {ROOT}/tests/fixtures/alpaca.json]"
+
+
+def _peft_model(model_dir: Path, dtype: torch.dtype = torch.float32, **lora: object) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.finetune.model import load_base_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(str(model_dir), dtype=dtype), LoraConfig(r=4, target_modules="all-linear", **lora))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 at init would hide every LoRA term
+    return model
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, dict, list[str]]:
+    model.zero_grad()
+    with profile() as prof:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach().float(), grads, [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, dtype):
+    peft_model = _peft_model(tiny_model_dir, dtype)  # bf16: a bf16 base, fp32 LoRA weights, autocast (as trained)
+    fused = copy.deepcopy(peft_model)
+    assert use_fused_lora(fused) == 14  # 2 layers x 7 linears, all swapped
+    ids = torch.randint(3, peft_model.config.vocab_size, (2, 24))
+    theirs, g_theirs, ops_theirs = _run(peft_model, ids, dtype)
+    ours, g_ours, ops_ours = _run(fused, ids, dtype)
+    assert "tunesmith::lora_linear" in ops_ours and "tunesmith::lora_linear_backward" in ops_ours
+    assert "tunesmith::lora_linear" not in ops_theirs
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: peft rounds the LoRA product before adding it
+    assert torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max()))
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 28
+    for n in g_ours:
+        assert g_ours[n].dtype == torch.float32  # fp32 LoRA weights get fp32 gradients, as under autocast
+        assert torch.allclose(g_ours[n], g_theirs[n], rtol=tol, atol=tol * float(g_theirs[n].abs().max())), n
+    # the swap keeps peft's module: same state dict names, and compiled it computes the same
+    assert fused.state_dict().keys() == peft_model.state_dict().keys()
+    assert all(isinstance(m, FusedLoraLinear) for m in fused.modules() if type(m).__name__.endswith("LoraLinear"))
+    compiled = torch.compile(fused.get_base_model().model.layers[0])
+    hidden = torch.randn(2, 24, peft_model.config.hidden_size, dtype=dtype)
+    position = fused.get_base_model().model.rotary_emb(hidden, torch.arange(24)[None].expand(2, -1))
+    with torch.no_grad():
+        eager_out = fused.get_base_model().model.layers[0](hidden, position_embeddings=position)
+        assert torch.allclose(compiled(hidden, position_embeddings=position), eager_out, atol=tol)
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"lora_dropout": 0.1}])
+def test_what_the_op_does_not_cover_runs_peft(tiny_model_dir, lora):
+    model = _peft_model(tiny_model_dir, **lora)
+    use_fused_lora(model)
+    model.eval()  # dropout off, so both forwards see the same network
+    ids = torch.randint(3, model.config.vocab_size, (1, 16))
+    ours, _, ops = _run(model, ids, torch.float32)
+    assert "tunesmith::lora_linear" not in ops
+    for m in model.modules():
+        if isinstance(m, FusedLoraLinear):
+            m.__class__ = FusedLoraLinear.__mro__[1]  # peft's own class
+    assert torch.equal(ours, _run(model, ids, torch.float32)[0])
+
+
+def test_training_with_fused_layers_matches_peft(tiny_model_dir, tmp_path):
+    losses = {}
+    for fused in (True, False):
+        out = tmp_path / str(fused)
+        s = setup(load_config(None, [
+            f"base_model={tiny_model_dir}", f"output_dir={out}", f"data.train={DATA}", "data.val_set_size=0",
+            "data.max_length=64", "train.precision=fp32", "train.lr=1e-2", "train.max_steps=6",
+            "train.micro_batch_size=2", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
+            "lora.r=4", "seed=0", f"train.fused_lora={fused}"]))
+        assert any(isinstance(m, FusedLoraLinear) for m in s.model.modules()) == fused
+        fit(s)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[fused] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) == 6 and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
