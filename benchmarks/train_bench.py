@@ -50,6 +50,7 @@ CONFIGS = {
     "tunesmith-eager": "tunesmith with train.compile=off (uncompiled layers)",
     "tunesmith-compiled": "tunesmith with train.compile=on (auto compiles on CPUs only; this measures it on a GPU)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
+    "tunesmith-peft-lora": "tunesmith with train.fused_lora=false (peft's LoRA layers as they are)",
     "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
     "tunesmith-nl": "tunesmith, also trained on the \"\\n\" after <|im_end|> as TRL is (same rows, labels only)",
     "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True (fp32 where tunesmith's "
@@ -113,7 +114,7 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
         f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
         f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}",
-        f"train.compile={compile_mode}",
+        f"train.compile={compile_mode}", f"train.fused_lora={a.worker != 'tunesmith-peft-lora'}",
         f"lora.load_in_4bit={str(a.qlora).lower()}", f"train.gradient_checkpointing={str(a.grad_ckpt).lower()}"])
     summary = train(cfg)
     rss = _peak_rss_mb()

@@ -6,7 +6,8 @@ On a CPU those passes over memory, not the matmuls, are the cost: the rank-16 ma
 compiled quickstart step for 6% of its FLOPs (benchmarks/profile_train.py). Here the LoRA product is accumulated
 into the base output by the matmul itself (`addmm_`, in place: no sum tensor) and the LoRA input gradient into the
 base input gradient the same way. Inductor would turn an in-place `addmm_` into a copy plus an out-of-place addmm
-(a copy of the whole output), so the forward and backward are custom ops it calls as they are.
+(a copy of the whole output), so compiled layers call the forward and backward as two custom ops it leaves as
+they are; uncompiled ones run the same code as a plain autograd Function (no op dispatch per call).
 
 Same numbers as peft: the one difference is that the LoRA product is added inside the matmul's accumulator instead
 of after a rounding to the compute dtype (fp32: equal to 1e-6; tests/finetune/test_fused_lora.py). The layer is
@@ -24,8 +25,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 
-@torch.library.custom_op("tunesmith::lora_linear", mutates_args=())
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`x @ weight.T + bias + scaling * (x @ a.T) @ b.T`, and `x @ a.T` (kept for backward; it is r wide)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -35,14 +35,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.view(*x.shape[:-1], weight.shape[0]), h
 
 
+lora_linear = torch.library.custom_op("tunesmith::lora_linear", mutates_args=())(_forward)
+
+
 @lora_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.shape[:-1].numel(), a.shape[0])
 
 
-@torch.library.custom_op("tunesmith::lora_linear_backward", mutates_args=())
-def lora_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
+def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
                          b: torch.Tensor, h: torch.Tensor, scaling: float,
                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of x (empty when `input_grad` is false: the first layer's input), a and b."""
@@ -58,6 +60,9 @@ def lora_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     gx = g @ weight
     gx.addmm_(gh, a)
     return gx.view(x.shape), ga, gb
+
+
+lora_linear_backward = torch.library.custom_op("tunesmith::lora_linear_backward", mutates_args=())(_backward_impl)
 
 
 @lora_linear_backward.register_fake
@@ -81,6 +86,25 @@ def _backward(ctx: Any, grad: torch.Tensor, _grad_h: torch.Tensor) -> tuple[Any,
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerLoraLinear(torch.autograd.Function):
+    """The same forward and backward without the custom ops' dispatch (~30 us a call in Python), for uncompiled
+    models: a small model's step is mostly such overhead."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scaling: float) -> torch.Tensor:
+        y, h = _forward(x, weight, bias, a, b, scaling)
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, a, b, h = ctx.saved_tensors
+        gx, ga, gb = _backward_impl(grad.contiguous(), x, weight, a, b, h, ctx.scaling, ctx.needs_input_grad[0])
+        return (gx if ctx.needs_input_grad[0] else None), None, None, ga, gb, None
+
+
 class FusedLoraLinear(PeftLoraLinear):
     """peft's `lora.Linear` whose forward is one `tunesmith::lora_linear` op when it can be (see the module doc)."""
 
@@ -96,8 +120,11 @@ class FusedLoraLinear(PeftLoraLinear):
         a = self.lora_A[name].weight.to(dtype)  # fp32 LoRA weights: the cast is differentiable, grads come back fp32
         b = self.lora_B[name].weight.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
+        args = (x.to(dtype).contiguous(), base.weight, bias, a, b, float(self.scaling[name]))
         with torch.autocast(device, enabled=False):
-            return lora_linear(x.to(dtype).contiguous(), base.weight, bias, a, b, float(self.scaling[name]))[0]
+            if torch.compiler.is_compiling():
+                return lora_linear(*args)[0]
+            return _EagerLoraLinear.apply(*args)
 
     def _fusable(self) -> str | None:
         """The one active adapter when this op computes exactly what peft's forward would, else None."""
