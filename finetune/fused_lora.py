@@ -121,9 +121,9 @@ class FusedLoraLinear(PeftLoraLinear):
         b = self.lora_B[name].weight.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         args = (x.to(dtype).contiguous(), base.weight, bias, a, b, float(self.scaling[name]))
+        if torch.compiler.is_compiling():  # autocast leaves a custom op alone; entering it here would put
+            return lora_linear(*args)[0]   # autocast nodes in the graph, which AOTAutograd's cache refuses
         with torch.autocast(device, enabled=False):
-            if torch.compiler.is_compiling():
-                return lora_linear(*args)[0]
             return _EagerLoraLinear.apply(*args)
 
     def _fusable(self) -> str | None:
