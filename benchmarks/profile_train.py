@@ -91,13 +91,15 @@ def _step(s, step: int, timer: dict | None = None, packed: bool = True, drop_pos
 
 _MASK_OPS = {"aten::le", "aten::ge", "aten::eq", "aten::lt", "aten::gt", "aten::where", "aten::masked_fill",
              "aten::bitwise_and", "aten::__and__", "aten::bitwise_or", "aten::__or__", "aten::logical_and"}
-_MM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+_MM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear"}
 
 
 def _category(name: str, shapes: list, r: int, vocab: int) -> str:
     if "scaled_dot_product" in name or "flash_attention" in name or name == "aten::bmm" or (
             "cpp_fused" in name and "softmax" in name):
         return "attention (SDPA, or bmm + fused softmax)"
+    if name.startswith(("tunesmith::lora_linear", "_EagerLoraLinear")):  # the fused LoRA op's own overhead
+        return "LoRA matmuls (rank dim)"
     if "cpp_fused" in name or "CompiledFxGraph" in name:
         return "elementwise fused by inductor (norms, rope, silu, adds)"
     if name in _MASK_OPS:
