@@ -87,8 +87,9 @@ lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLoraLinear(torch.autograd.Function):
-    """The same forward and backward without the custom ops' dispatch (~30 us a call in Python), for uncompiled
-    models: a small model's step is mostly such overhead."""
+    """The same forward and backward without the custom ops' dispatch, for uncompiled models: on a 64-wide layer
+    forward + backward took 200-225 us through the ops against 125 us this way, and a small model's step is mostly
+    such overhead."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
