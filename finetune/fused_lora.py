@@ -10,7 +10,7 @@ base input gradient the same way. Inductor would turn an in-place `addmm_` into 
 they are; uncompiled ones run the same code as a plain autograd Function (no op dispatch per call).
 
 Same numbers as peft: the one difference is that the LoRA product is added inside the matmul's accumulator instead
-of after a rounding to the compute dtype (fp32: equal to 1e-6; tests/finetune/test_fused_lora.py). The layer is
+of after a rounding to the compute dtype (fp32: equal to 1e-5 in tests/finetune/test_fused_lora.py). The layer is
 peft's own `lora.Linear` with its class swapped, so state dicts, saving, merging and `isinstance` checks are
 unchanged; anything this op does not cover (DoRA and other variants, dropout, several active adapters, a LoRA
 bias, a base that is not a plain `nn.Linear`) runs peft's forward.
@@ -26,7 +26,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`x @ weight.T + bias + scaling * (x @ a.T) @ b.T`, and `x @ a.T` (kept for backward; it is r wide)."""
     x2 = x.reshape(-1, x.shape[-1])
     h = x2 @ a.t()
@@ -44,9 +44,9 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.shape[:-1].numel(), a.shape[0])
 
 
-def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
-                         b: torch.Tensor, h: torch.Tensor, scaling: float,
-                         input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   h: torch.Tensor, scaling: float,
+                   input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of x (empty when `input_grad` is false: the first layer's input), a and b."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
