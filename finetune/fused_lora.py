@@ -71,16 +71,27 @@ def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor
     return x.new_empty(x.shape if input_grad else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, weight, _bias, a, b, scaling = inputs
-    ctx.save_for_backward(x, weight, a, b, output[1])
+def _save(ctx: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+          scaling: float) -> None:
+    ctx.save_for_backward(x, weight, a, b, h)
     ctx.scaling = scaling
 
 
-def _backward(ctx: Any, grad: torch.Tensor, _grad_h: torch.Tensor) -> tuple[Any, ...]:
-    x, weight, a, b, h = ctx.saved_tensors  # the base weight is frozen (FusedLoraLinear._fusable): no gradient
-    gx, ga, gb = lora_linear_backward(grad.contiguous(), x, weight, a, b, h, ctx.scaling, ctx.needs_input_grad[0])
+def _grads(ctx: Any, grad: torch.Tensor, backward: Any) -> tuple[Any, ...]:
+    """Gradients for (x, weight, bias, a, b, scaling) from `backward` (the custom op or its plain function); the
+    base weight is frozen (FusedLoraLinear._fusable), so it and its bias get none."""
+    x, weight, a, b, h = ctx.saved_tensors
+    gx, ga, gb = backward(grad.contiguous(), x, weight, a, b, h, ctx.scaling, ctx.needs_input_grad[0])
     return (gx if ctx.needs_input_grad[0] else None), None, None, ga, gb, None
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, weight, _bias, a, b, scaling = inputs
+    _save(ctx, x, weight, a, b, output[1], scaling)
+
+
+def _backward(ctx: Any, grad: torch.Tensor, _grad_h: torch.Tensor) -> tuple[Any, ...]:
+    return _grads(ctx, grad, lora_linear_backward)
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -95,15 +106,12 @@ class _EagerLoraLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scaling: float) -> torch.Tensor:
         y, h = _forward(x, weight, bias, a, b, scaling)
-        ctx.save_for_backward(x, weight, a, b, h)
-        ctx.scaling = scaling
+        _save(ctx, x, weight, a, b, h, scaling)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, a, b, h = ctx.saved_tensors
-        gx, ga, gb = _backward_impl(grad.contiguous(), x, weight, a, b, h, ctx.scaling, ctx.needs_input_grad[0])
-        return (gx if ctx.needs_input_grad[0] else None), None, None, ga, gb, None
+        return _grads(ctx, grad, _backward_impl)
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -121,11 +129,11 @@ class FusedLoraLinear(PeftLoraLinear):
         a = self.lora_A[name].weight.to(dtype)  # fp32 LoRA weights: the cast is differentiable, grads come back fp32
         b = self.lora_B[name].weight.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
-        args = (x.to(dtype).contiguous(), base.weight, bias, a, b, float(self.scaling[name]))
+        inputs = (x.to(dtype).contiguous(), base.weight, bias, a, b, float(self.scaling[name]))
         if torch.compiler.is_compiling():  # autocast leaves a custom op alone; entering it here would put
-            return lora_linear(*args)[0]   # autocast nodes in the graph, which AOTAutograd's cache refuses
+            return lora_linear(*inputs)[0]  # autocast nodes in the graph, which AOTAutograd's cache refuses
         with torch.autocast(device, enabled=False):
-            return _EagerLoraLinear.apply(*args)
+            return _EagerLoraLinear.apply(*inputs)
 
     def _fusable(self) -> str | None:
         """The one active adapter when this op computes exactly what peft's forward would, else None."""
