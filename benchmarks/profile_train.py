@@ -157,7 +157,7 @@ def flops_per_token(s) -> dict[str, float]:
     exs = [ex for b in s.batches for ex in examples_in(b)]
     tokens = sum(len(ex.input_ids) for ex in exs)
     trained = sum(ex.n_targets for ex in exs) / tokens
-    row = s.cfg.data.max_length
+    row = s.row_width or s.cfg.data.max_length  # packed rows' width (data.row_width)
     d, layers = cfg.hidden_size, cfg.num_hidden_layers
     head = cfg.vocab_size * d
     return {
@@ -174,7 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8, help="packed rows of 256 tokens per step (quickstart: 8)")
+    ap.add_argument("--batch", type=int, default=8, help="train.micro_batch_size: 8 x 256 tokens per step, in rows of data.row_width (quickstart: 4)")
     ap.add_argument("--experiments", action="store_true")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="train.compile for the profiled run (auto: compiled on the embedded model, as `fit` runs)")

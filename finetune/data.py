@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,9 +60,13 @@ class DataReport:
     no_targets: int = 0
     tokens: int = 0
     target_tokens: int = 0
+    packing: str = ""
+    """How the training examples were packed (rows, width, fill), when they were."""
 
     def lines(self) -> list[str]:
         out = [f"{self.records} records -> {self.tokens:,} tokens ({self.target_tokens:,} trained on)"]
+        if self.packing:
+            out.append(self.packing)
         if self.truncated:
             out.append(f"{self.truncated} records longer than data.max_length were truncated "
                        f"({self.tokens_cut:,} tokens cut): raise data.max_length to keep them whole")
@@ -477,11 +482,49 @@ def examples_in(batch: list[Any]) -> list[Example]:
     return [ex for item in batch for ex in (item if isinstance(item, list) else [item])]
 
 
-def micro_batches(examples: list[Example], micro_batch_size: int, max_length: int, packing: bool,
-                  seed: int | None = None) -> list[list[Any]]:
-    """Unpacked: lists of examples. Packed: lists of rows, each row a list of examples filling max_length tokens.
+ROW_MULTIPLE = 32
+"""`data.row_width=auto` picks widths that are multiples of this: aligned matmuls, few distinct compiled shapes."""
+ATTENTION_SPAN = 0.7
+"""Per token, a packed row W wide costs about (1 + W / (ATTENTION_SPAN * hidden_size)) times what its linear layers
+alone cost: attention's FLOPs per token grow with W x hidden, the linear layers' with hidden^2. Fitted on the
+embedded SmolLM2-135M (hidden 576), compiled, bf16, 2-core CPU, quickstart data in rows 64 to 256 wide (within
+~5% of each measured width; benchmarks/README.md): attention there runs ~5x below the linear layers' FLOP rate."""
 
-    Rows of max_length (not one long row per micro-batch) keep attention cost at max_length^2 per row.
+
+def packed_shape(examples: Sequence[Example], micro_batch_size: int, max_length: int,
+                 row_width: int | str = "auto", hidden_size: int = 0) -> tuple[int, int]:
+    """(row width, rows per micro-batch) for packed batches (`data.row_width`).
+
+    A packed row's attention costs width^2 whatever it holds (the block-diagonal mask is computed whole), so short
+    examples in wide rows pay for attention they never use; narrow rows, though, pack worse (examples over half a
+    row get one each). `auto` packs a sample at a few widths, from the longest example up to max_length, and keeps
+    the cheapest by the ATTENTION_SPAN cost model (without `hidden_size`: the least padding). More rows per
+    micro-batch keep its micro_batch_size * max_length tokens, so updates and the learning-rate schedule barely
+    move. Examples longer than a forced width are refused here, naming them, rather than overflowing their row."""
+    longest = max(examples, key=lambda ex: len(ex.input_ids))
+    n = len(longest.input_ids)
+    if row_width == "auto":
+        sample = list(examples[:: max(1, len(examples) // 1000)])  # packing 1,000 takes ~0.1 s a width
+        span = ATTENTION_SPAN * hidden_size if hidden_size else math.inf
+        widths, w = [max_length], -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+        while w < max_length:
+            widths.append(w)
+            w = -(-int(w * 1.25) // ROW_MULTIPLE) * ROW_MULTIPLE
+        width = min(widths, key=lambda w: (len(pack(sample, w)) * w * (1 + w / span), -w))
+    else:
+        width = int(row_width)
+        if n > width:
+            raise DataError(f"data.row_width={width}: {longest.where or 'an example'} is {n} tokens, longer than "
+                            f"a row. Raise data.row_width to at least {n}, or set it to auto.")
+    return width, max(1, round(micro_batch_size * max_length / width))
+
+
+def micro_batches(examples: list[Example], micro_batch_size: int, width: int, packing: bool,
+                  seed: int | None = None) -> list[list[Any]]:
+    """Unpacked: lists of examples. Packed: lists of rows, each row a list of examples filling `width` tokens
+    (`packed_shape` picks it).
+
+    Rows (not one long row per micro-batch) keep attention cost at width^2 per row.
     With a seed (training) the examples are shuffled first, so a file sorted by label or topic gives neither
     one-label micro-batches (unpacked) nor one-label rows: packing sorts by length, and file order would decide
     which equal-length examples share a row. (On unsorted data the two orders are the same random procedure; on a
@@ -493,7 +536,7 @@ def micro_batches(examples: list[Example], micro_batch_size: int, max_length: in
         random.Random(seed).shuffle(examples)
     if not packing:
         return [examples[i: i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
-    rows = pack(examples, max_length)
+    rows = pack(examples, width)
     if seed is not None:
         random.Random(seed).shuffle(rows)
     return [rows[i: i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]

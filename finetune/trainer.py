@@ -30,6 +30,7 @@ from .data import (
     examples_in,
     load_records,
     micro_batches,
+    packed_shape,
     prompts_and_answers,
     split_validation,
 )
@@ -90,6 +91,8 @@ class Setup:
     """Extra padding of training batches when the layers are compiled (compiling.bucket): few shapes, few compiles."""
     compiled: bool = False
     """The decoder layers are compiled (`train.compile`; finetune/compiling.py)."""
+    row_width: int = 0
+    """Packed SFT rows' width (`data.row_width`), 0 when not packed."""
 
     def inputs(self, batch: list[Any], train: bool = False) -> dict[str, torch.Tensor]:
         """A micro-batch as LossModel keyword tensors on this process's device."""
@@ -139,6 +142,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     t = cfg.train
     methods.check_data_kind(cfg.method, train_recs[0])  # SFT given preference pairs: say `method: dpo`
     labels, val_prompts, val_answers = None, cast("list[Any]", []), cast("list[str]", [])
+    width, rows = cfg.data.max_length, t.micro_batch_size  # packed SFT rows: data.packed_shape
     if cfg.method == "sft":
         train_ex = build_examples(train_recs, tok, cfg.data, report)
         val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
@@ -146,8 +150,15 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
             raise ConfigError(f"{cfg.data.train}: no usable training examples. " + "; ".join(report.lines()))
         labels = resolve_labels(cfg.data.labels, prompts_and_answers(train_recs, cfg.data)[1])
         val_prompts, val_answers = prompts_and_answers(val_recs, cfg.data) if labels else ([], [])
-        batches = micro_batches(train_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing, seed=cfg.seed)
-        val_batches = micro_batches(val_ex, t.micro_batch_size, cfg.data.max_length, cfg.data.packing)
+        if cfg.data.packing:
+            width, rows = packed_shape(train_ex + val_ex, t.micro_batch_size, width, cfg.data.row_width,
+                                       _hidden_size(cfg))
+        batches = micro_batches(train_ex, rows, width, cfg.data.packing, seed=cfg.seed)
+        val_batches = micro_batches(val_ex, rows, width, cfg.data.packing)
+        if cfg.data.packing:
+            n_rows = sum(len(b) for b in batches)
+            report.packing = (f"packed into {n_rows} rows of {width} tokens ({report.tokens / (n_rows * width):.0%} "
+                              f"filled), {rows} per micro-batch (data.row_width={cfg.data.row_width})")
     else:  # preference pairs, KTO answers or GRPO prompts (finetune/methods.py)
         batches, val_batches = methods.build_batches(cfg, tok, train_recs, val_recs, report)
     _check_max_length(cfg)
@@ -210,9 +221,9 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     n_params = sum(p.numel() for p in model.parameters())
     pad: dict[str, int] = {}
     if (why := compiling.why_not(cfg, acc.device, acc.num_processes, n_params, total)) is None:
-        n = compiling.compile_layers(_causal(model), cfg.data.max_length)
+        n = compiling.compile_layers(_causal(model), width)
         if cfg.method == "sft":
-            pad = compiling.bucket(cfg.data.packing, cfg.data.max_length, t.micro_batch_size)
+            pad = compiling.bucket(cfg.data.packing, width, rows)
         acc.print(f"train.compile={t.compile}: {n} decoder layers compiled by torch.compile; the first step compiles "
                   f"them (20-40 s on 2 CPU cores, seconds once cached), then steps run faster")
     else:
@@ -224,7 +235,8 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     # same path also runs (and is tested) on CPU, where Accelerate 1.x creates none
     scaler = torch.amp.GradScaler(acc.device.type) if dtype == torch.float16 else None
     s = Setup(cfg, acc, tok, model, loss_model, opt, sched, plan, batches, val_batches, report, out, scaler, labels,
-              val_prompts, val_answers, pad=pad, compiled=why is None)
+              val_prompts, val_answers, pad=pad, compiled=why is None,
+              row_width=width if cfg.method == "sft" and cfg.data.packing else 0)
     # 4) before any step: our loss must be the model's own (one row of the first micro-batch keeps memory small)
     if t.fused_loss or cfg.method != "sft":  # preference methods: also the shared prompt (data.share_prompt)
         rtol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -452,6 +464,16 @@ def _check_max_length(cfg: Config) -> None:
         if limit and cfg.data.max_length > limit:
             raise ConfigError(f"data.max_length={cfg.data.max_length} is over {cfg.base_model}'s limit of {limit} "
                              f"positions. Set data.max_length <= {limit}.")
+
+
+def _hidden_size(cfg: Config) -> int:
+    """The base model's hidden size from its config.json (0 when unknown), for `data.packed_shape`'s cost model."""
+    cfg_file = Path(resolve_base_model(cfg.base_model)) / "config.json"
+    if not cfg_file.exists():
+        return 0
+    c = json.loads(cfg_file.read_text())
+    c = c.get("text_config") or c  # multimodal configs keep the language model's own
+    return int(next((c[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(c.get(k), int)), 0))
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

@@ -31,6 +31,8 @@ def test_defaults_and_overrides(tmp_path):
     ("train:\n  lr: 5\n", r"`train.lr` must be in \(0, 1\]"),
     ("train:\n  lr: .nan\n", r"`train.lr` must be a finite number"),
     ("base_model: [1, 2\n", r"c.yaml line \d+: not valid YAML"),
+    ("data:\n  row_width: wide\n", r"`data.row_width` must be one of \['auto'\] or an integer, got 'wide'"),
+    ("data:\n  max_length: 256\n  row_width: 512\n", r"`data.row_width` must be `auto` or 8..data.max_length \(256\)"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, yaml_text, match):
     p = tmp_path / "c.yaml"

@@ -24,6 +24,7 @@ from tunesmith.finetune.data import (
     make_example,
     micro_batches,
     pack,
+    packed_shape,
     read_records,
     tokenize_messages,
 )
@@ -306,3 +307,19 @@ def test_preview_shows_the_metaspace_trained_span_with_its_spaces(ms_tok):
     out = format_preview(_masked(ms_tok)[2], ms_tok, color=False)
     assert all(f"«{reply}»" in out for reply in REPLIES), out
     assert "What is the capital of France?<|im_end|>" in out  # prompt text keeps its spaces too
+
+
+def test_packed_row_width_trades_attention_for_padding():
+    # quickstart-like: nine in ten examples of 40-48 tokens, the rest 60-80
+    lens = [40 + i % 9 if i % 10 else 60 + i % 22 for i in range(300)]
+    ex = [Example([1] * n, [1] * n, f"f.jsonl:{i + 1}") for i, n in enumerate(lens)]
+    assert packed_shape(ex, 4, 256, "auto", hidden_size=576) == (96, 11)  # 11 rows of 96 ~ the 4 x 256 tokens
+    assert packed_shape(ex, 4, 256, "auto", hidden_size=8192) == (224, 5)  # a wide model: attention is cheap
+    assert packed_shape(ex, 4, 256) == (224, 5)  # hidden size unknown: the least padding
+    assert packed_shape(ex, 4, 90, "auto", hidden_size=576) == (90, 4)  # never wider than max_length
+    assert packed_shape(ex, 4, 256, 200) == (200, 5)  # forced
+    with pytest.raises(DataError, match=r"data.row_width=64: f.jsonl:21 is 80 tokens, longer than a row. Raise "
+                                        r"data.row_width to at least 80, or set it to auto"):
+        packed_shape(ex, 4, 256, 64)
+    rows = [r for mb in micro_batches(ex, 11, 96, True, seed=0) for r in mb]
+    assert all(sum(len(e.input_ids) for e in r) <= 96 for r in rows)

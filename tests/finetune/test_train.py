@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tunesmith.finetune.config import load_config
 from tunesmith.finetune.data import IGNORE
-from tunesmith.finetune.trainer import fit, setup, train
+from tunesmith.finetune.trainer import evaluate_loss, fit, setup, train
 
 ROOT = Path(__file__).parents[2]
 DATA = str(ROOT / "tests" / "fixtures" / "messages.jsonl")
@@ -260,3 +260,24 @@ def test_smoothed_loss_is_debiased_and_keeps_up_with_short_runs():
     long = Smoothed(2000)  # a long run averages over more steps (50): noise is smoothed out
     noisy = [2.0 + (0.5 if i % 2 else -0.5) for i in range(200)]
     assert abs([long.add(x) for x in noisy][-1] - 2.0) < 0.05
+
+
+def test_packed_rows_narrow_to_the_data_and_losses_do_not_see_the_width(tiny_model_dir, tmp_path):
+    """Short examples packed into rows of 256 pay attention over 256 x 256 positions; `data.row_width=auto` packs
+    them as wide as the longest needs, with more rows per micro-batch. Block-diagonal attention makes a per-token
+    loss blind to which row an example sits in, so the eval loss is the same at both widths."""
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i} " * (2 + i % 7)},
+                                                     {"role": "assistant", "content": f"a{i} " * (3 + i % 5)}]}) + "\n"
+                            for i in range(40)))
+    common = (f"data.train=[{data}]", "data.max_length=256", "data.val_set_size=10", "train.micro_batch_size=2")
+    auto, full = (setup(_cfg(tiny_model_dir, tmp_path / w, *common, f"data.row_width={w}")) for w in ("auto", "256"))
+    longest = max(len(ex.input_ids) for b in auto.batches + auto.val_batches for row in b for ex in row)
+    assert longest <= auto.row_width < 256 and full.row_width == 256
+    rows = round(2 * 256 / auto.row_width)
+    assert max(len(b) for b in auto.batches) == rows > max(len(b) for b in full.batches) == 2
+    assert all(sum(len(ex.input_ids) for ex in row) <= auto.row_width for b in auto.batches for row in b)
+    assert f"rows of {auto.row_width} tokens" in " ".join(auto.report.lines())
+    assert evaluate_loss(auto) == pytest.approx(evaluate_loss(full), rel=1e-5)
+    compiled = setup(_cfg(tiny_model_dir, tmp_path / "c", *common, "train.compile=on"))  # compiles lazily
+    assert compiled.pad == {"width": auto.row_width, "rows": rows}  # the one shape the compiled layers see
