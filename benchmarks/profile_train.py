@@ -10,7 +10,9 @@
 1. Peak matmul GFLOP/s in bf16 and fp32 (one big `torch.matmul`), the ceiling for a matmul-bound step.
 2. The step split into phases (collate, forward, backward, optimizer) by wall clock, and a torch.profiler op table
    grouped into attention / base matmuls / LoRA / output head + CE / dtype copies / optimizer.
-3. FLOPs per token of the step (frozen base: forward 2N + input-gradient 2N, LoRA forward 2n + both gradients 4n,
+3. GFLOP/s of each base linear shape at a few row counts and at this run's micro-batch (a oneDNN threading cliff
+   ran some shapes on one core at ~1,024 rows on an AMX Xeon).
+4. FLOPs per token of the step (frozen base: forward 2N + input-gradient 2N, LoRA forward 2n + both gradients 4n,
    attention over the row, output head only at trained positions) and the fraction of peak reached.
 """
 
@@ -141,6 +143,36 @@ def profile_ops(s, steps: int) -> list[tuple[str, float, float]]:
     return [(c, v / 1e6, v / total) for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
 
 
+def matmul_rows(s, dtype: torch.dtype) -> None:
+    """GFLOP/s of each base linear shape's forward at a few row counts M (tokens per micro-batch) and at this run's.
+
+    Why: on a 2-core AMX Xeon oneDNN ran x @ W.T with 576 outputs on one thread for M of ~640-1,300 rows (~1,200
+    GFLOP/s against ~2,400 at 2,048 rows), so a micro-batch of ~1,024 tokens, the quickstart's, lost most of what
+    narrower packed rows saved. The table shows whether a machine has such a cliff and where."""
+    base = s.model.get_base_model()
+    shapes = sorted({tuple(m.base_layer.weight.shape) for m in base.modules() if hasattr(m, "base_layer")})
+    group = [s.batches[i] for i in s.plan[0]]
+    here = max(s.inputs(b, train=True)["input_ids"].numel() for b in group)
+    rows = sorted({512, 1024, 1536, 2048, here})
+    print(f"\nbase linear forward, GFLOP/s by rows M (this run's micro-batch: {here} tokens):")
+    print("  out x in     " + "".join(f"{m:>7d}" for m in rows))
+    for out, inp in shapes:
+        w = torch.randn(out, inp, dtype=dtype)
+        rates = []
+        for m in rows:
+            x = torch.randn(m, inp, dtype=dtype)
+            torch.nn.functional.linear(x, w)
+            best = min(_timed(x, w) for _ in range(5))
+            rates.append(2 * m * inp * out / best / 1e9)
+        print(f"  {out:5d} x {inp:<5d}" + "".join(f"{r:7.0f}" for r in rates))
+
+
+def _timed(x: torch.Tensor, w: torch.Tensor) -> float:
+    t = time.perf_counter()
+    torch.nn.functional.linear(x, w)
+    return time.perf_counter() - t
+
+
 def flops_per_token(s) -> dict[str, float]:
     """Matmul FLOPs per input token of one training step (frozen base, LoRA on every linear)."""
     base = s.model.get_base_model()
@@ -226,6 +258,7 @@ def main() -> None:
         limit = peak[best] * 1e9 / total  # the roofline of the machine: its fastest matmul dtype
         print(f"physical limit at the {best} matmul peak: {limit:,.0f} tokens/s; measured {tps:,.0f} = "
               f"{tps / limit:.1%} of peak ({tps * total / 1e9:.0f} GFLOP/s achieved)")
+        matmul_rows(s, {"bf16": torch.bfloat16, "fp32": torch.float32}[name])
         print("\nprofiler (self CPU time by category):")
         for cat, sec, frac in profile_ops(s, max(1, a.steps - 1)):
             print(f"  {cat:42s} {sec:7.2f} s  {frac:6.1%}")

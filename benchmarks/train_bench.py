@@ -51,6 +51,8 @@ CONFIGS = {
     "tunesmith-compiled": "tunesmith with train.compile=on (auto compiles on CPUs only; this measures it on a GPU)",
     "tunesmith-fp32": "tunesmith, packed, train.precision=fp32",
     "tunesmith-peft-lora": "tunesmith with train.fused_lora=false (peft's LoRA layers as they are)",
+    "tunesmith-full-rows": "tunesmith with data.row_width=max_length (every packed row max_length wide, as before "
+                           "`auto` picked narrower ones)",
     "tunesmith-fileorder": "tunesmith, but examples packed in file order as TRL's packer does (no shuffle first)",
     "tunesmith-nl": "tunesmith, also trained on the \"\\n\" after <|im_end|> as TRL is (same rows, labels only)",
     "trl-packed": "TRL SFTTrainer packing=True (bfd, padding-free), bf16 base + bf16=True (fp32 where tunesmith's "
@@ -111,6 +113,7 @@ def _run_tunesmith(a: argparse.Namespace, out: Path) -> dict:
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"base_model={a.model}", f"output_dir={out}", f"data.train=[{a.train}]", "data.val_set_size=0",
         f"data.max_length={a.max_length}", "data.packing=true", f"seed={a.seed}",
+        f"data.row_width={a.max_length if a.worker == 'tunesmith-full-rows' else 'auto'}",
         f"train.max_steps={0 if a.epochs else a.steps}", f"train.epochs={a.epochs or 1}",
         f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.eval_every=0", "train.save_every=0",
         f"train.precision={precision}", f"lora.r={a.r}", f"lora.alpha={a.alpha}", f"train.lr={a.lr}",
