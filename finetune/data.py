@@ -510,7 +510,7 @@ def packed_shape(examples: Sequence[Example], micro_batch_size: int, max_length:
         while w < max_length:
             widths.append(w)
             w = -(-int(w * 1.25) // ROW_MULTIPLE) * ROW_MULTIPLE
-        width = min(widths, key=lambda w: (len(pack(sample, w)) * w * (1 + w / span), -w))
+        width = min(widths, key=lambda c: (len(pack(sample, c)) * c * (1 + c / span), -c))
     else:
         width = int(row_width)
         if n > width:

@@ -143,6 +143,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     methods.check_data_kind(cfg.method, train_recs[0])  # SFT given preference pairs: say `method: dpo`
     labels, val_prompts, val_answers = None, cast("list[Any]", []), cast("list[str]", [])
     width, rows = cfg.data.max_length, t.micro_batch_size  # packed SFT rows: data.packed_shape
+    base_config = _base_config(cfg)
     if cfg.method == "sft":
         train_ex = build_examples(train_recs, tok, cfg.data, report)
         val_ex = build_examples(val_recs, tok, cfg.data, DataReport())
@@ -152,7 +153,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         val_prompts, val_answers = prompts_and_answers(val_recs, cfg.data) if labels else ([], [])
         if cfg.data.packing:
             width, rows = packed_shape(train_ex + val_ex, t.micro_batch_size, width, cfg.data.row_width,
-                                       _hidden_size(cfg))
+                                       _hidden_size(base_config))
         batches = micro_batches(train_ex, rows, width, cfg.data.packing, seed=cfg.seed)
         val_batches = micro_batches(val_ex, rows, width, cfg.data.packing)
         if cfg.data.packing:
@@ -161,7 +162,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
                               f"filled), {rows} per micro-batch (data.row_width={cfg.data.row_width})")
     else:  # preference pairs, KTO answers or GRPO prompts (finetune/methods.py)
         batches, val_batches = methods.build_batches(cfg, tok, train_recs, val_recs, report)
-    _check_max_length(cfg)
+    _check_max_length(cfg, base_config)
 
     # 2) the plan: which micro-batches each optimizer step uses, for every rank, reshuffled each epoch
     per_step = t.grad_accum * acc.num_processes
@@ -457,22 +458,22 @@ def _base_meta(cfg: Config) -> dict[str, Any]:
             "summary": f"{cfg.base_model}"}
 
 
-def _check_max_length(cfg: Config) -> None:
+def _base_config(cfg: Config) -> dict[str, Any]:
+    """The base model's config.json ({} when there is none locally), read once for the checks before the model loads."""
     cfg_file = Path(resolve_base_model(cfg.base_model)) / "config.json"
-    if cfg_file.exists():
-        limit = json.loads(cfg_file.read_text()).get("max_position_embeddings")
-        if limit and cfg.data.max_length > limit:
-            raise ConfigError(f"data.max_length={cfg.data.max_length} is over {cfg.base_model}'s limit of {limit} "
-                             f"positions. Set data.max_length <= {limit}.")
+    return json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
 
 
-def _hidden_size(cfg: Config) -> int:
-    """The base model's hidden size from its config.json (0 when unknown), for `data.packed_shape`'s cost model."""
-    cfg_file = Path(resolve_base_model(cfg.base_model)) / "config.json"
-    if not cfg_file.exists():
-        return 0
-    c = json.loads(cfg_file.read_text())
-    c = c.get("text_config") or c  # multimodal configs keep the language model's own
+def _check_max_length(cfg: Config, base_config: dict[str, Any]) -> None:
+    limit = base_config.get("max_position_embeddings")
+    if limit and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is over {cfg.base_model}'s limit of {limit} "
+                         f"positions. Set data.max_length <= {limit}.")
+
+
+def _hidden_size(base_config: dict[str, Any]) -> int:
+    """The base model's hidden size (0 when unknown), for `data.packed_shape`'s cost model."""
+    c = base_config.get("text_config") or base_config  # multimodal configs keep the language model's own
     return int(next((c[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(c.get(k), int)), 0))
 
 
