@@ -54,7 +54,7 @@ class DataConfig:
     wide rows pay for attention they never use, while narrow rows pack worse. `auto` picks the width (a multiple
     of 32 from the longest example up to max_length) that costs least by a model fitted on CPU measurements
     (`data.packed_shape`), with more rows per micro-batch so that it still holds ~micro_batch_size * max_length
-    tokens. The quickstart data (examples of 39-81 tokens) gets rows of 96: 1.2x faster than rows of 256 on a
+    tokens. The quickstart data (examples of 39-81 tokens) gets rows of 96: 1.1-1.2x faster than rows of 256 on a
     2-core CPU, padding included (benchmarks/README.md); the classification set (~84 tokens each) keeps 256. An
     integer forces a width (`max_length` for the old rows)."""
     share_prompt: bool = True
