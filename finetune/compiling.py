@@ -134,8 +134,9 @@ def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
 
     inductor marks the ops to round at the time AOTAutograd traces the joint forward + backward graph (a node meta
     flag) and has no setting per graph, so the backward graph's flags are dropped before it is lowered;
-    `compile_fx(inner_compile=...)` is inductor's hook for wrapping the lowering of each graph. The config patch
-    also keeps the two kinds of backward kernel apart in the on-disk cache (its key holds the config)."""
+    `compile_fx(inner_compile=...)` is inductor's hook for wrapping the lowering of each graph. The cache key tag
+    keeps these graphs apart from ones compiled before this split (AOTAutograd's on-disk cache would otherwise hand
+    a warm cache's old, fully emulated backward back: its key holds the config the forward was compiled with)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -147,7 +148,9 @@ def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         with inductor_config.patch(emulate_precision_casts=False):
             return compile_fx_inner(graph, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=OPTIONS)
+    tag = torch.compiler.config.cache_key_tag
+    with torch.compiler.config.patch(cache_key_tag=f"{tag}|tunesmith:fp32-backward"):
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=OPTIONS)
 
 
 def bucket(packed: bool, max_length: int, rows: int) -> dict[str, int]:
