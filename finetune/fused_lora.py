@@ -9,6 +9,10 @@ base input gradient the same way. Inductor would turn an in-place `addmm_` into 
 (a copy of the whole output), so compiled layers call the forward and backward as two custom ops it leaves as
 they are; uncompiled ones run the same code as a plain autograd Function (no op dispatch per call).
 
+Compiled, sibling layers applied to one input (q/k/v, gate/up) run as one op (`_Group`): one matmul over their
+stacked base weights, one pass over the input for their LoRA `a`s, one input gradient instead of three summed. On the
+embedded model that made compiled steps 1.03-1.09x faster (alternating runs; benchmarks/README.md).
+
 Same numbers as peft: the one difference is that the LoRA product is added inside the matmul's accumulator instead
 of after a rounding to the compute dtype (fp32: equal to 1e-5 in tests/finetune/test_fused_lora.py). The layer is
 peft's own `lora.Linear` with its class swapped, so state dicts, saving, merging and `isinstance` checks are
@@ -18,6 +22,9 @@ bias, a base that is not a plain `nn.Linear`) runs peft's forward.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from typing import Any
 
 import torch
@@ -25,13 +32,18 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x @ weight.T + bias + scaling * (x @ a.T) @ b.T`, and `x @ a.T` (kept for backward; it is r wide)."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+             bs: list[torch.Tensor], scalings: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x @ weight.T + bias`, each adapter's `scaling * (x @ a.T) @ b.T` accumulated into its own columns (one
+    adapter, or a group's: weight, bias and `a` stacked by rows), and `x @ a.T` (kept for backward; r wide each)."""
     x2 = x.reshape(-1, x.shape[-1])
     h = x2 @ a.t()
     y = F.linear(x2, weight, bias)
-    y.addmm_(h, b.t(), alpha=scaling)
+    col = row = 0
+    for b, scaling in zip(bs, scalings, strict=True):
+        out, r = b.shape
+        y[:, col:col + out].addmm_(h[:, row:row + r], b.t(), alpha=scaling)
+        col, row = col + out, row + r
     return y.view(*x.shape[:-1], weight.shape[0]), h
 
 
@@ -39,104 +51,183 @@ lora_linear = torch.library.custom_op("tunesmith::lora_linear", mutates_args=())
 
 
 @lora_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bs: list[torch.Tensor],
+      scalings: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.shape[:-1].numel(), a.shape[0])
 
 
-def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   h: torch.Tensor, scaling: float,
-                   input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of x (empty when `input_grad` is false: the first layer's input), a and b."""
+def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
+                   h: torch.Tensor, scalings: list[float],
+                   input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Gradients of x (empty when `input_grad` is false: the first layer's input), a and each b. A group's input
+    gradient is one matmul over the stacked weights and one pass for all its LoRA terms."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    gh = g @ b
-    gh.mul_(scaling)
-    gb = g.t() @ h
-    gb.mul_(scaling)
+    ghs, gbs = [], []
+    col = row = 0
+    for b, scaling in zip(bs, scalings, strict=True):
+        out, r = b.shape
+        gk = g[:, col:col + out]
+        gh = gk @ b
+        gh.mul_(scaling)
+        gb = gk.t() @ h[:, row:row + r]
+        gb.mul_(scaling)
+        ghs.append(gh)
+        gbs.append(gb)
+        col, row = col + out, row + r
+    gh = ghs[0] if len(ghs) == 1 else torch.cat(ghs, 1)
     ga = gh.t() @ x2
     if not input_grad:
-        return x.new_empty(0), ga, gb
+        return x.new_empty(0), ga, gbs
     gx = g @ weight
     gx.addmm_(gh, a)
-    return gx.view(x.shape), ga, gb
+    return gx.view(x.shape), ga, gbs
 
 
 lora_linear_backward = torch.library.custom_op("tunesmith::lora_linear_backward", mutates_args=())(_backward_impl)
 
 
 @lora_linear_backward.register_fake
-def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
-      scaling: float, input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape if input_grad else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
-
-
-def _save(ctx: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
-          scaling: float) -> None:
-    ctx.save_for_backward(x, weight, a, b, h)
-    ctx.scaling = scaling
-
-
-def _grads(ctx: Any, grad: torch.Tensor, backward: Any) -> tuple[Any, ...]:
-    """Gradients for (x, weight, bias, a, b, scaling) from `backward` (the custom op or its plain function); the
-    base weight is frozen (FusedLoraLinear._fusable), so it and its bias get none."""
-    x, weight, a, b, h = ctx.saved_tensors
-    gx, ga, gb = backward(grad.contiguous(), x, weight, a, b, h, ctx.scaling, ctx.needs_input_grad[0])
-    return (gx if ctx.needs_input_grad[0] else None), None, None, ga, gb, None
+def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
+      h: torch.Tensor, scalings: list[float], input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return x.new_empty(x.shape if input_grad else (0,)), a.new_empty(a.shape), [b.new_empty(b.shape) for b in bs]
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, weight, _bias, a, b, scaling = inputs
-    _save(ctx, x, weight, a, b, output[1], scaling)
+    x, weight, _bias, a, bs, scalings = inputs
+    ctx.save_for_backward(x, weight, a, output[1], *bs)
+    ctx.scalings = scalings
 
 
 def _backward(ctx: Any, grad: torch.Tensor, _grad_h: torch.Tensor) -> tuple[Any, ...]:
-    return _grads(ctx, grad, lora_linear_backward)
+    """Gradients for (x, weight, bias, a, bs, scalings); the base weights are frozen (FusedLoraLinear._parts), so
+    they and their biases get none."""
+    x, weight, a, h, *bs = ctx.saved_tensors
+    gx, ga, gbs = lora_linear_backward(grad.contiguous(), x, weight, a, bs, h, ctx.scalings, ctx.needs_input_grad[0])
+    return (gx if ctx.needs_input_grad[0] else None), None, None, ga, gbs, None
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLoraLinear(torch.autograd.Function):
-    """The same forward and backward without the custom ops' dispatch, for uncompiled models: on a 64-wide layer
-    forward + backward took 200-225 us through the ops against 125 us this way, and a small model's step is mostly
-    such overhead."""
+    """The same forward and backward without the custom ops' dispatch, for uncompiled models (one adapter): on a
+    64-wide layer forward + backward took 200-225 us through the ops against 125 us this way, and a small model's
+    step is mostly such overhead."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scaling: float) -> torch.Tensor:
-        y, h = _forward(x, weight, bias, a, b, scaling)
-        _save(ctx, x, weight, a, b, h, scaling)
+        y, h = _forward(x, weight, bias, a, [b], [scaling])
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling = scaling
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return _grads(ctx, grad, _backward_impl)
+        x, weight, a, b, h = ctx.saved_tensors
+        gx, ga, gbs = _backward_impl(grad.contiguous(), x, weight, a, [b], h, [ctx.scaling], ctx.needs_input_grad[0])
+        return (gx if ctx.needs_input_grad[0] else None), None, None, ga, gbs[0], None
+
+
+class _Group:
+    """Sibling layers a model applies to one input (q/k/v, gate/up), run as one op when compiled: one matmul over
+    their stacked base weights, one pass over the input for all their LoRA `a`s, one input gradient (instead of one
+    per layer, summed). The first member called computes every member's output; the others take theirs when they
+    are called with the very same input tensor, else they run alone. Grouped only where the parent's forward calls
+    them together (`_called_together`); the parent's forward hook drops outputs no member took (`reset`)."""
+
+    def __init__(self, members: list[FusedLoraLinear]) -> None:
+        self.members = members
+        self.source: torch.Tensor | None = None
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def output(self, member: FusedLoraLinear, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        i = self.members.index(member)
+        if self.source is x and i in self.pending:
+            out = self.pending.pop(i)
+            if not self.pending:
+                self.source = None
+            return out
+        if self.pending:  # a member called on another input than its siblings: it runs alone
+            return None
+        parts = [m._parts(dtype) for m in self.members]
+        if any(p is None for p in parts) or len({p[0].shape[1] for p in parts}) != 1:  # type: ignore[index]
+            return None
+        weights, biases, aa, bs, scalings = zip(*parts)  # type: ignore[misc]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        bias = None if biases[0] is None else torch.cat(biases)
+        y = lora_linear(x.to(dtype).contiguous(), torch.cat(weights), bias, torch.cat(aa), list(bs), list(scalings))[0]
+        outs = y.split([w.shape[0] for w in weights], -1)
+        self.source, self.pending = x, {j: o for j, o in enumerate(outs) if j != i}
+        return outs[i]
+
+    def reset(self, *_: Any) -> None:
+        """Forget outputs no member took (a forward hook of the parent: none outlive its call)."""
+        self.source, self.pending = None, {}
+
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling names that take one input in the decoder layers of Llama, Qwen, Mistral, Gemma, SmolLM and the like;
+grouped only where the parent's forward says so (`_called_together`)."""
+_BRANCHES = (ast.If, ast.IfExp, ast.For, ast.While, ast.Try, ast.BoolOp, ast.Lambda, ast.FunctionDef, ast.Match,
+             ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _called_together(parent: torch.nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether `parent.forward` calls each of `names` once, outside any branch or loop, on the same argument.
+
+    Why read the source: a group computes every member's output when the first is called, so a member the
+    model then calls on another input, or not at all (Gemma 3n's layers that share another layer's keys and
+    values skip k_proj and v_proj), would have been computed for nothing, and its LoRA weights would get zero
+    gradients instead of none. At run time each member still checks that it got the very same input tensor."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(parent).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    calls: dict[str, list[str | None]] = {}
+
+    def visit(node: ast.AST, branched: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = branched or isinstance(child, _BRANCHES)
+            func = getattr(child, "func", None)
+            if (isinstance(child, ast.Call) and isinstance(func, ast.Attribute) and func.attr in names
+                    and isinstance(func.value, ast.Name) and func.value.id == "self"):
+                plain = len(child.args) == 1 and not child.keywords and not inner
+                calls.setdefault(func.attr, []).append(ast.dump(child.args[0]) if plain else None)
+            visit(child, inner)
+
+    visit(tree.body[0], False)  # the function itself is the root, not a branch
+    args = [calls.get(name, []) for name in names]
+    return all(len(a) == 1 and a[0] is not None for a in args) and len({a[0] for a in args}) == 1
 
 
 class FusedLoraLinear(PeftLoraLinear):
     """peft's `lora.Linear` whose forward is one `tunesmith::lora_linear` op when it can be (see the module doc)."""
 
+    _group: _Group | None = None
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        name = self._fusable()
-        if name is None or args or kwargs:
-            return super().forward(x, *args, **kwargs)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        base = self.base_layer
-        if base.weight.dtype != dtype:  # e.g. an fp32 base under bf16 autocast (full precision kept on purpose)
+        parts = None if args or kwargs else self._parts(dtype)
+        if parts is None:
             return super().forward(x, *args, **kwargs)
-        a = self.lora_A[name].weight.to(dtype)  # fp32 LoRA weights: the cast is differentiable, grads come back fp32
-        b = self.lora_B[name].weight.to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        inputs = (x.to(dtype).contiguous(), base.weight, bias, a, b, float(self.scaling[name]))
         if torch.compiler.is_compiling():  # autocast leaves a custom op alone; entering it here would put
-            return lora_linear(*inputs)[0]  # autocast nodes in the graph, which AOTAutograd's cache refuses
+            if self._group is not None:    # autocast nodes in the graph, which AOTAutograd's cache refuses
+                out = self._group.output(self, x, dtype)
+                if out is not None:
+                    return out
+            weight, bias, a, b, scaling = parts
+            return lora_linear(x.to(dtype).contiguous(), weight, bias, a, [b], [scaling])[0]
         with torch.autocast(device, enabled=False):
-            return _EagerLoraLinear.apply(*inputs)
+            return _EagerLoraLinear.apply(x.to(dtype).contiguous(), *parts)
 
-    def _fusable(self) -> str | None:
-        """The one active adapter when this op computes exactly what peft's forward would, else None."""
+    def _parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                  float] | None:
+        """(base weight, bias, a, b, scaling) in `dtype` when this op computes exactly what peft's forward would,
+        else None. fp32 LoRA weights: the cast is differentiable, their gradients come back fp32."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
@@ -144,16 +235,31 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         if not isinstance(self.lora_dropout[name], torch.nn.Identity) or type(self.base_layer) is not torch.nn.Linear:
             return None
-        if self.base_layer.weight.requires_grad or type(self.base_layer.weight) is not torch.nn.Parameter:
+        base = self.base_layer
+        if base.weight.requires_grad or type(base.weight) is not torch.nn.Parameter:
             return None  # a trained or sharded/quantized base (DTensor, bitsandbytes): peft's path
-        return name
+        if base.weight.dtype != dtype:  # e.g. an fp32 base under bf16 autocast (full precision kept on purpose)
+            return None
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return (base.weight, bias, self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+                float(self.scaling[name]))
 
 
 def use_fused_lora(model: torch.nn.Module) -> int:
-    """Swap every peft `lora.Linear` in `model` to FusedLoraLinear (in place). Returns how many."""
+    """Swap every peft `lora.Linear` in `model` to FusedLoraLinear (in place) and group siblings (GROUPS) that
+    share an input size. Returns how many layers were swapped."""
     n = 0
     for module in model.modules():
         if type(module) is PeftLoraLinear:
             module.__class__ = FusedLoraLinear
             n += 1
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if (all(isinstance(m, FusedLoraLinear) for m in members) and len({m.in_features for m in members}) == 1
+                    and _called_together(parent, names)):
+                group = _Group(members)  # type: ignore[arg-type]
+                parent.register_forward_hook(group.reset)
+                for m in members:
+                    m._group = group  # type: ignore[union-attr]
     return n
