@@ -144,19 +144,25 @@ def profile_ops(s, steps: int) -> list[tuple[str, float, float]]:
 
 
 def matmul_rows(s, dtype: torch.dtype) -> None:
-    """GFLOP/s of each base linear shape's forward at a few row counts M (tokens per micro-batch) and at this run's.
+    """GFLOP/s of each base matmul shape's forward (grouped siblings stacked, as a compiled step runs them) at a few
+    row counts M (tokens per micro-batch) and at this run's.
 
     Why: on a 2-core AMX Xeon oneDNN ran x @ W.T with 576 outputs on one thread for M of ~640-1,300 rows (~1,200
     GFLOP/s against ~2,400 at 2,048 rows), so a micro-batch of ~1,024 tokens, the quickstart's, lost most of what
     narrower packed rows saved. The table shows whether a machine has such a cliff and where."""
     base = s.model.get_base_model()
-    shapes = sorted({tuple(m.base_layer.weight.shape) for m in base.modules() if hasattr(m, "base_layer")})
+    shapes = set()
+    for m in base.modules():
+        if hasattr(m, "base_layer"):  # compiled, q/k/v and gate/up run as one matmul (fused_lora._Group)
+            group = getattr(m, "_group", None)
+            members = group.members if group is not None and s.compiled else [m]
+            shapes.add((sum(x.base_layer.weight.shape[0] for x in members), m.base_layer.weight.shape[1]))
     group = [s.batches[i] for i in s.plan[0]]
     here = max(s.inputs(b, train=True)["input_ids"].numel() for b in group)
     rows = sorted({512, 1024, 1536, 2048, here})
     print(f"\nbase linear forward, GFLOP/s by rows M (this run's micro-batch: {here} tokens):")
     print("  out x in     " + "".join(f"{m:>7d}" for m in rows))
-    for out, inp in shapes:
+    for out, inp in sorted(shapes):
         w = torch.randn(out, inp, dtype=dtype)
         rates = []
         for m in rows:
