@@ -116,8 +116,9 @@ class TrainSection:
     """Output head + cross-entropy only at trained positions, in chunks (less memory and time). It is checked against
     the model's own loss before the first step; `false` trains through the model's own forward instead."""
     fused_lora: bool = True
-    """Each LoRA linear layer as one op that adds the LoRA product inside the base matmul, forward and backward
-    (finetune/fused_lora.py; fewer passes over memory, same numbers); `false` runs peft's layers as they are."""
+    """Each LoRA linear layer as one op that adds the LoRA product inside the base matmul, forward and backward, and
+    compiled, q/k/v and gate/up as one op each (finetune/fused_lora.py; fewer passes over memory, the same numbers
+    up to bf16 rounding); `false` runs peft's layers as they are."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each decoder layer for training (finetune/compiling.py): on a 2-core CPU the quickstart trains
     ~1.5x faster in bf16 (AMX), 1.04-1.17x in fp32 (AVX2) at lower peak memory, after a 20-45 s first compile (seconds
