@@ -149,7 +149,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
             return compile_fx_inner(graph, inputs, **kwargs)
 
     tag = torch.compiler.config.cache_key_tag
-    with torch.compiler.config.patch(cache_key_tag=f"{tag}|tunesmith:fp32-backward"):
+    with torch.compiler.config.patch(cache_key_tag=f"{tag}|tunesmith:fp32-backward"):  # type: ignore[attr-defined]
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=OPTIONS)
 
 

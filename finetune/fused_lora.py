@@ -25,7 +25,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,14 +151,16 @@ class _Group:
             return out
         if self.pending:  # a member called on another input than its siblings: it runs alone
             return None
-        parts = [m._parts(dtype) for m in self.members]
-        if any(p is None for p in parts) or len({p[0].shape[1] for p in parts}) != 1:  # type: ignore[index]
+        parts = [p for m in self.members if (p := m._parts(dtype)) is not None]
+        if len(parts) != len(self.members) or len({p[0].shape[1] for p in parts}) != 1:
             return None
-        weights, biases, aa, bs, scalings = zip(*parts)  # type: ignore[misc]
-        if any(b is None for b in biases) and not all(b is None for b in biases):
+        weights = [p[0] for p in parts]
+        biases = [p[1] for p in parts if p[1] is not None]
+        if biases and len(biases) != len(parts):
             return None
-        bias = None if biases[0] is None else torch.cat(biases)
-        y = lora_linear(x.to(dtype).contiguous(), torch.cat(weights), bias, torch.cat(aa), list(bs), list(scalings))[0]
+        bias = torch.cat(biases) if biases else None
+        aa, bs, scalings = [p[2] for p in parts], [p[3] for p in parts], [p[4] for p in parts]
+        y = lora_linear(x.to(dtype).contiguous(), torch.cat(weights), bias, torch.cat(aa), bs, scalings)[0]
         outs = y.split([w.shape[0] for w in weights], -1)
         self.source, self.pending = x, {j: o for j, o in enumerate(outs) if j != i}
         return outs[i]
@@ -241,8 +243,8 @@ class FusedLoraLinear(PeftLoraLinear):
         if base.weight.dtype != dtype:  # e.g. an fp32 base under bf16 autocast (full precision kept on purpose)
             return None
         bias = None if base.bias is None else base.bias.to(dtype)
-        return (base.weight, bias, self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
-                float(self.scaling[name]))
+        a, b = (cast(torch.nn.Linear, layer[name]).weight.to(dtype) for layer in (self.lora_A, self.lora_B))
+        return base.weight, bias, a, b, float(self.scaling[name])
 
 
 def use_fused_lora(model: torch.nn.Module) -> int:
@@ -255,11 +257,11 @@ def use_fused_lora(model: torch.nn.Module) -> int:
             n += 1
     for parent in model.modules():
         for names in GROUPS:
-            members = [getattr(parent, name, None) for name in names]
-            if (all(isinstance(m, FusedLoraLinear) for m in members) and len({m.in_features for m in members}) == 1
+            members = [m for name in names if isinstance(m := getattr(parent, name, None), FusedLoraLinear)]
+            if (len(members) == len(names) and len({m.in_features for m in members}) == 1
                     and _called_together(parent, names)):
-                group = _Group(members)  # type: ignore[arg-type]
+                group = _Group(members)
                 parent.register_forward_hook(group.reset)
                 for m in members:
-                    m._group = group  # type: ignore[union-attr]
+                    m._group = group
     return n
