@@ -151,8 +151,9 @@ class _Group:
             return out
         if self.pending:  # a member called on another input than its siblings: it runs alone
             return None
-        parts = [p for m in self.members if (p := m._parts(dtype)) is not None]
-        if len(parts) != len(self.members) or len({p[0].shape[1] for p in parts}) != 1:
+        found = [m._parts(dtype) for m in self.members]  # (no assignment expression: dynamo breaks the graph there)
+        parts = [p for p in found if p is not None]
+        if len(parts) != len(found) or len({p[0].shape[1] for p in parts}) != 1:
             return None
         weights = [p[0] for p in parts]
         biases = [p[1] for p in parts if p[1] is not None]

@@ -67,7 +67,7 @@ def test_fused_layers_give_peft_outputs_and_gradients(tiny_model_dir, dtype):
     hidden = torch.randn(2, 24, peft_model.config.hidden_size, dtype=dtype, requires_grad=True)
     position = fused.get_base_model().model.rotary_emb(hidden, torch.arange(24)[None].expand(2, -1))
     results = []
-    for run in (layer, torch.compile(layer)):
+    for run in (layer, torch.compile(layer, fullgraph=True)):  # fullgraph: a graph break fails the test
         fused.zero_grad()  # to None: the last run's gradients stay as they were
         hidden.grad = None
         run(hidden, position_embeddings=position).float().pow(2).sum().backward()  # compiles: ops run while tracing
@@ -144,7 +144,7 @@ class _Branch(_Together):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         q, k = self.q_proj(x), self.k_proj(x)
-        v = self.v_proj(x) if y.sum() > -1e9 else k
+        v = self.v_proj(x) if x.shape[0] > 0 else k
         return q[..., :8] * k + v
 
 
@@ -175,7 +175,7 @@ def test_siblings_are_grouped_where_the_forward_calls_them_together(parent, grou
     assert (group is not None) == grouped
     x, y = torch.randn(3, 16), torch.randn(3, 16)
     results = []
-    for run in (attn, torch.compile(attn)):
+    for run in (attn, torch.compile(attn, fullgraph=True)):
         model.zero_grad()  # to None: the last run's gradients stay as they were
         run(x, y).pow(2).sum().backward()  # compiles: ops also run while tracing, uncounted
         model.zero_grad()
