@@ -23,8 +23,10 @@ bias, a base that is not a plain `nn.Linear`) runs peft's forward.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -178,15 +180,17 @@ _BRANCHES = (ast.If, ast.IfExp, ast.For, ast.While, ast.Try, ast.BoolOp, ast.Lam
              ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
-def _called_together(parent: torch.nn.Module, names: tuple[str, ...]) -> bool:
-    """Whether `parent.forward` calls each of `names` once, outside any branch or loop, on the same argument.
+@functools.cache
+def _called_together(forward: Callable[..., Any], names: tuple[str, ...]) -> bool:
+    """Whether a parent module's `forward` calls each of `names` once, outside any branch or loop, on the same
+    argument (read once per function: every decoder layer of a model has the same forward).
 
     Why read the source: a group computes every member's output when the first is called, so a member the
     model then calls on another input, or not at all (Gemma 3n's layers that share another layer's keys and
     values skip k_proj and v_proj), would have been computed for nothing, and its LoRA weights would get zero
     gradients instead of none. At run time each member still checks that it got the very same input tensor."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(parent).forward)))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
         return False
     calls: dict[str, list[str | None]] = {}
@@ -260,7 +264,7 @@ def use_fused_lora(model: torch.nn.Module) -> int:
         for names in GROUPS:
             members = [m for name in names if isinstance(m := getattr(parent, name, None), FusedLoraLinear)]
             if (len(members) == len(names) and len({m.in_features for m in members}) == 1
-                    and _called_together(parent, names)):
+                    and _called_together(type(parent).forward, names)):
                 group = _Group(members)
                 parent.register_forward_hook(group.reset)
                 for m in members:
