@@ -47,7 +47,7 @@ from .loss import _causal  # the one 'causal LM under the PEFT wrapper' helper
 from .prefixes import KV, PrefixCache
 from .quantize import int8_reads
 from .scoring import _cache_kw  # `cache` or `past_key_values`, as this transformers names it
-from .sharing import cpu_share
+from .sharing import cpu_share, model_thread
 
 PREFILL_TOKENS = 8192
 """Prompt tokens one prefill forward computes at most when no row is decoding (padded width times newcomers); a
@@ -207,7 +207,7 @@ class ContinuousBatcher:
         with self._lock:
             if not self._running:
                 self._running = True
-                threading.Thread(target=self._loop, daemon=True, name="tunesmith-batch").start()
+                model_thread(self._loop, "tunesmith-batch")
         return answer.done
 
     def warm_up(self, prompt: list[int]) -> None:

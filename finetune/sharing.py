@@ -25,14 +25,40 @@ Two problems of serving one model to many users on a CPU, solved here once for `
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import torch
 
 _local = threading.local()
+_model_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+EXIT_WAIT_S = 10.0
+"""How long a finishing process waits, in all, for model threads still running (`model_thread`)."""
+
+
+def model_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start `target` on a daemon thread that the process waits for (up to EXIT_WAIT_S) when it exits.
+
+    Why: a daemon thread still inside a torch op when the interpreter exits aborts the whole process ("terminate
+    called without an active exception", exit status 134, in 6 of 6 tries of a matmul loop), after its work was
+    done and printed: `tunesmith chat --prompt` failed CI that way when the continuous batcher's thread was
+    clearing its cache as the main thread returned. Daemon, so a stuck thread cannot keep the process alive."""
+    t = threading.Thread(target=target, daemon=True, name=name)
+    _model_threads.add(t)
+    t.start()
+    return t
+
+
+@atexit.register
+def _join_model_threads() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for t in list(_model_threads):
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 class _RWLock:
@@ -196,8 +222,7 @@ def on_own_thread(fn: Callable[[], T], abort: threading.Event | None = None) -> 
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=run, daemon=True, name="tunesmith-model-call")
-    t.start()
+    t = model_thread(run, "tunesmith-model-call")
     try:
         t.join()
     except BaseException:

@@ -15,6 +15,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
+from .sharing import model_thread
+
 T = TypeVar("T")
 _END = object()
 
@@ -99,8 +101,7 @@ def thread_stream(work: Callable[[Callable[[Any], None]], Any], cancel: threadin
         except BaseException as e:  # surfaced in the consumer's thread
             q.put(("error", e))
 
-    t = threading.Thread(target=run, daemon=True, name=name)
-    t.start()
+    t = model_thread(run, name)
     try:
         while True:
             kind, val = q.get()

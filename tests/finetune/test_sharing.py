@@ -242,3 +242,27 @@ def test_a_vanishing_temperature_decodes_greedily(tiny_gen):
     """Hypothesis sent temperature 2.3e-246 to the API: the logits overflowed and sampling raised (a 500)."""
     greedy = tiny_gen.generate(MSG, GenerationParams(max_new_tokens=8, temperature=0)).text
     assert tiny_gen.generate(MSG, GenerationParams(max_new_tokens=8, temperature=2.2565441121788957e-246)).text == greedy
+
+
+def test_process_exits_cleanly_while_a_model_thread_still_runs_torch(tmp_path):
+    """A daemon thread inside a torch op at interpreter exit aborts the process (exit 134, "terminate called without
+    an active exception"): the process waits for model threads at exit instead, and their work completes."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    code = f"""
+import time, torch
+from tunesmith.finetune.sharing import model_thread
+def work():
+    a = torch.randn(256, 256)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        a @ a
+    open({str(done)!r}, "w").write("ok")
+model_thread(work, "tunesmith-test")
+time.sleep(0.1)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert done.read_text() == "ok"
