@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,6 +102,31 @@ def compiler() -> str | None:
     return None
 
 
+_probe: threading.Thread | None = None
+
+
+def start_cpu_probe() -> None:
+    """Start inductor's check of this CPU's vector instructions on a background thread (for `wait_for_cpu_probe`).
+
+    Why: inductor proves each instruction set it may use (AVX2, AVX512, its bf16 and VNNI parts, AMX) by compiling a
+    probe and loading it in a fresh Python process, ten of them on an AMX Xeon (~1.3 s), in every process that
+    compiles, warm cache or not: it keeps the answer per process only. Started before the data and the model load,
+    it is done by the time the first step compiles: a warm run's setup + first step took 8.7 s instead of 10.2
+    (alternating processes, benchmarks/README.md)."""
+    global _probe
+    if _probe is None and compiler() is not None:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        _probe = threading.Thread(target=pick_vec_isa, daemon=True, name="tunesmith-cpu-probe")
+        _probe.start()
+
+
+def wait_for_cpu_probe() -> None:
+    """Before compiling: let a probe started by `start_cpu_probe` finish (inductor would otherwise run its own)."""
+    if _probe is not None:
+        _probe.join()
+
+
 def use_cache_dir() -> None:
     """Inductor's kernels go to `cache_dir()/inductor` (kept across runs) unless TORCHINDUCTOR_CACHE_DIR says else.
 
@@ -119,6 +145,7 @@ def compile_layers(causal: Any, max_length: int) -> int:
     """Compile every decoder layer of `causal` in place (`module.compile`, so state-dict names do not change).
     Returns how many were compiled."""
     use_cache_dir()
+    wait_for_cpu_probe()
     if max_length <= EAGER_ATTENTION_MAX_LENGTH and causal.config._attn_implementation == "sdpa":
         causal.set_attn_implementation("eager")
     kinds = set(getattr(causal, "_no_split_modules", None) or [])

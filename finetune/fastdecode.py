@@ -111,6 +111,7 @@ class CompiledDecode:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         compiling.use_cache_dir()
+        compiling.wait_for_cpu_probe()
         compiling.add_graphs(GRAPHS_PER_MODEL)
         self.model = model
         base = _causal(model)

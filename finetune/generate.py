@@ -21,6 +21,7 @@ from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteria,
 
 from tunesmith import PREFIX_CACHE_MIB
 
+from . import compiling
 from .constrained import JsonVocab
 from .continuous import Answer, ContinuousBatcher
 from .continuous import why_not as why_not_batched
@@ -512,6 +513,8 @@ def load_generator(source: str | Path, engine: str = "transformers", decode_weig
         return load_llamacpp(source, **kw)  # type: ignore[return-value]  # Generator's serving surface
     if engine != "transformers":
         raise ValueError(f"engine={engine!r}: pick one of {', '.join(ENGINES)}.")
+    if compile_decode:
+        compiling.start_cpu_probe()  # while the model loads
     return on_own_thread(lambda: Generator(load_run(source, **kw), decode_weights, compile_decode=compile_decode,
                                            continuous_batching=continuous_batching,
                                            prefix_cache_mib=prefix_cache_mib, batch_slots=batch_slots,

@@ -186,3 +186,26 @@ def test_forward_graph_rounds_like_eager_and_backward_graph_keeps_fp32(monkeypat
     assert seen == [(False, True, True), (True, False, False)]
     assert torch.equal(out, layer(x))
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_cpu_probe_runs_in_the_background_before_the_first_compile():
+    """Inductor's instruction-set probe (ten child processes on an AMX Xeon) starts with the setup, on its own
+    thread, and a compile waits for its answer instead of probing again (fresh process: the answer is per process)."""
+    import subprocess
+    import sys
+
+    if compiling.compiler() is None:
+        pytest.skip("no C++ compiler")
+    code = """
+import threading
+from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+from tunesmith.finetune import compiling
+assert valid_vec_isa_list.cache_info().currsize == 0
+compiling.start_cpu_probe()
+assert any(t.name == "tunesmith-cpu-probe" for t in threading.enumerate())
+compiling.wait_for_cpu_probe()
+assert valid_vec_isa_list.cache_info().currsize == 1
+print("probed", valid_vec_isa_list())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "probed" in r.stdout, r.stderr[-2000:]
