@@ -1,13 +1,13 @@
-"""The base matmuls of a LoRA step, in as many row chunks as this CPU runs them fastest (`mm`).
+"""The base matmuls of a LoRA step, split in the row or column chunks this CPU runs fastest (`mm`).
 
 Why: oneDNN shares a bf16 matmul between threads by a rule of its own, and at some row counts the rule leaves a
 core idle. On a 2-core AMX Xeon (2 threads), at 1,056 rows (the quickstart's micro-batch: 11 packed rows of 96)
-`x @ W.T` for o_proj's 576 x 576 weight ran at 1,407 GFLOP/s in one call against 2,064 in two calls of 528 rows,
-down_proj's at 1,255 vs 1,864 in three, and the input gradient of the stacked gate/up weight at 1,163 vs 1,572 in
-four; at 2,016 rows one call was fastest for every shape (benchmarks/README.md). The rule depends on the CPU, the
-thread count and oneDNN's version, so the split is measured, not guessed: on a shape's first call, 1-4 chunks, best
-of three runs each. The choice is kept in `cache_dir()/matmul_splits.json` per CPU model, torch version and thread
-count, because splitting changes the summation order of some rows (bf16 results differ in the last bit): a resumed
+every product with 576 output columns ran at 1,050-1,470 GFLOP/s in one call: o_proj's `x @ W.T` 1,446 against
+1,993 as two calls of 288 columns, down_proj's 1,277 vs 2,005, the input gradient of the stacked gate/up weight
+1,048 vs 1,700 in three; at 2,016 rows one call was fastest or within noise for every shape (benchmarks/README.md).
+The rule depends on the CPU, the thread count and oneDNN's version, so the split is measured, not guessed: on a
+shape's first call, one call, 2-4 row chunks and 2-3 column chunks take turns, best of three runs each. The choice is kept in `cache_dir()/matmul_splits.json` per CPU model, torch version and thread
+count, because a split can change the summation order of some rows (bf16 results differ in the last bit): a resumed
 or repeated run on the same machine splits the same way and computes the same numbers.
 """
 
@@ -25,7 +25,8 @@ import torch
 
 MIN_ROWS = 512
 """Fewer rows are never split (nor measured): the chunks would be too small to keep both cores busy."""
-CHUNKS = (1, 2, 3, 4)
+CHUNKS = (1, 2, 3, 4, -2, -3)
+"""Splits tried: row chunks (1 = one call) and, negative, column chunks of the output."""
 ROUNDS = 3
 
 _lock = threading.Lock()
@@ -84,13 +85,22 @@ def _save(key: str, chunks: int) -> None:
         pass
 
 
-def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, chunks: int) -> None:
-    step = -(-a.shape[0] // chunks)
-    for i in range(0, a.shape[0], step):
+def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int) -> None:
+    """`out = a @ b (+ bias)` in `split` row chunks (> 0) or `-split` column chunks (< 0; views, nothing copied)."""
+    if split > 0:
+        step = -(-a.shape[0] // split)
+        for i in range(0, a.shape[0], step):
+            if bias is None:
+                torch.mm(a[i: i + step], b, out=out[i: i + step])
+            else:
+                torch.addmm(bias, a[i: i + step], b, out=out[i: i + step])
+        return
+    step = -(-b.shape[1] // -split)
+    for j in range(0, b.shape[1], step):
         if bias is None:
-            torch.mm(a[i: i + step], b, out=out[i: i + step])
+            torch.mm(a, b[:, j: j + step], out=out[:, j: j + step])
         else:
-            torch.addmm(bias, a[i: i + step], b, out=out[i: i + step])
+            torch.addmm(bias[j: j + step], a, b[:, j: j + step], out=out[:, j: j + step])
 
 
 def _measure(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> int:
@@ -108,7 +118,7 @@ def _measure(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: t
 
 
 def chunks_for(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> int:
-    """How many row chunks `a @ b` runs in here (measured on the first call of a shape, see the module doc)."""
+    """The split `a @ b` runs in here: row chunks, or (negative) column chunks; measured on a shape's first call."""
     if a.device.type != "cpu" or a.dim() != 2 or a.shape[0] < MIN_ROWS:
         return 1
     fast = (a.shape, b.shape, b.stride(), a.dtype, torch.get_num_threads())  # every call: no string, no file
@@ -125,7 +135,7 @@ def chunks_for(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`a @ b (+ bias)` for 2-D `a`, in the row chunks this machine runs fastest."""
+    """`a @ b (+ bias)` for 2-D `a`, in the row or column chunks this machine runs fastest."""
     chunks = chunks_for(a, b, bias)
     if chunks == 1:
         return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
