@@ -75,8 +75,10 @@ def room_for_graphs() -> None:
         setattr(config, name, graph_limit())
 
 
-def why_not(cfg: Any, device: torch.device, processes: int, n_params: int, steps: int) -> str | None:
-    """None when this run compiles, else why not (shown in the run's log). `train.compile` on/off decide alone."""
+def why_not(cfg: Any, device: torch.device, processes: int, n_params: int | None = None,
+            steps: int | None = None) -> str | None:
+    """None when this run compiles, else why not (shown in the run's log). `train.compile` on/off decide alone.
+    `n_params` / `steps` None: not known yet (before the model and data load), those conditions are left out."""
     mode = cfg.train.compile
     if mode != "auto":
         return None if mode == "on" else "train.compile=off"
@@ -86,8 +88,9 @@ def why_not(cfg: Any, device: torch.device, processes: int, n_params: int, steps
         (processes > 1, f"{processes} processes"),
         (cfg.train.gradient_checkpointing, "gradient checkpointing"),
         (cfg.lora.load_in_4bit, "a 4-bit base"),
-        (n_params < MIN_PARAMS, f"{n_params / 1e6:.1f}M parameters (under {MIN_PARAMS // 1_000_000}M)"),
-        (steps < MIN_STEPS, f"{steps} steps (under {MIN_STEPS})"),
+        (n_params is not None and n_params < MIN_PARAMS,
+         f"{(n_params or 0) / 1e6:.1f}M parameters (under {MIN_PARAMS // 1_000_000}M)"),
+        (steps is not None and steps < MIN_STEPS, f"{steps} steps (under {MIN_STEPS})"),
         (not compiler(), "no C++ compiler (g++ / clang++; set CXX)"),
     ]
     off = [why for cond, why in reasons if cond]
@@ -111,8 +114,8 @@ def start_cpu_probe() -> None:
     Why: inductor proves each instruction set it may use (AVX2, AVX512, its bf16 and VNNI parts, AMX) by compiling a
     probe and loading it in a fresh Python process, ten of them on an AMX Xeon (~1.3 s), in every process that
     compiles, warm cache or not: it keeps the answer per process only. Started before the data and the model load,
-    it is done by the time the first step compiles: a warm run's setup + first step took 8.7 s instead of 10.2
-    (alternating processes, benchmarks/README.md)."""
+    it is done by the time the first step compiles: a warm run's setup + first step took 10.3-10.6 s instead of
+    11.2-11.9 (alternating processes, benchmarks/README.md)."""
     global _probe
     if _probe is None and compiler() is not None:
         from torch._inductor.cpu_vec_isa import pick_vec_isa

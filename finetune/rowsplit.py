@@ -85,22 +85,23 @@ def _save(key: str, chunks: int) -> None:
         pass
 
 
+def _one(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
 def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int) -> None:
     """`out = a @ b (+ bias)` in `split` row chunks (> 0) or `-split` column chunks (< 0; views, nothing copied)."""
     if split > 0:
         step = -(-a.shape[0] // split)
         for i in range(0, a.shape[0], step):
-            if bias is None:
-                torch.mm(a[i: i + step], b, out=out[i: i + step])
-            else:
-                torch.addmm(bias, a[i: i + step], b, out=out[i: i + step])
+            _one(a[i: i + step], b, bias, out[i: i + step])
         return
     step = -(-b.shape[1] // -split)
     for j in range(0, b.shape[1], step):
-        if bias is None:
-            torch.mm(a, b[:, j: j + step], out=out[:, j: j + step])
-        else:
-            torch.addmm(bias[j: j + step], a, b[:, j: j + step], out=out[:, j: j + step])
+        _one(a, b[:, j: j + step], None if bias is None else bias[j: j + step], out[:, j: j + step])
 
 
 def _measure(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> int:

@@ -124,7 +124,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
         raise FileExistsError(f"{out} already holds {what}. Pass --resume to continue it, or set output_dir to a "
                               f"new folder (e.g. output_dir={out}-2).")
     _seed_everything(cfg.seed)
-    if cfg.train.compile != "off" and acc.device.type == "cpu":
+    if acc.device.type == "cpu" and compiling.why_not(cfg, acc.device, acc.num_processes) is None:
         compiling.start_cpu_probe()  # while the data and the model load (a compiled first step waits for it)
     tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     if cfg.data.chat_template:
