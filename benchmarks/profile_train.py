@@ -7,7 +7,9 @@
     python benchmarks/profile_train.py --compile off      # profile the uncompiled loop
     python benchmarks/profile_train.py --precision bf16   # force a dtype (default: what `fit` picks here)
 
-1. Peak matmul GFLOP/s in bf16 and fp32 (one big `torch.matmul`), the ceiling for a matmul-bound step.
+1. Peak matmul GFLOP/s in bf16 and fp32 (one big `torch.matmul`), the ceiling for a matmul-bound step; measured
+   again before every timed step, and the roofline uses the median of those (this VM's speed drifts by 1.5x
+   within minutes: a peak taken once, minutes before the steps, moved the % of roofline by as much).
 2. The step split into phases (collate, forward, backward, optimizer) by wall clock, and a torch.profiler op table
    grouped into attention / base matmuls / LoRA / output head + CE / dtype copies / optimizer.
 3. GFLOP/s of each base linear shape at a few row counts and at this run's micro-batch (a oneDNN threading cliff
@@ -247,7 +249,9 @@ def main() -> None:
         timer: dict[str, float] = defaultdict(float)
         _step(s, 0)
         print(f"first step (compiles when compiled): {time.perf_counter() - t:.1f} s")
+        peaks = []  # the peak again before every step: this VM's speed drifts within minutes (benchmarks/README.md)
         for i in range(a.steps):
+            peaks.append(matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[best], reps=3))
             _step(s, 1 + i, timer)
         tps = timer["tokens"] / timer["total"]
         print(f"\n{name} step phases over {a.steps} steps ({timer['tokens'] / a.steps:.0f} real tokens/step), "
@@ -261,8 +265,11 @@ def main() -> None:
         for k, v in f.items():
             if "(" in k:
                 print(f"  {k:55s} {v / 1e6:7.1f} M")
-        limit = peak[best] * 1e9 / total  # the roofline of the machine: its fastest matmul dtype
-        print(f"physical limit at the {best} matmul peak: {limit:,.0f} tokens/s; measured {tps:,.0f} = "
+        during = sorted(peaks)[len(peaks) // 2]
+        limit = during * 1e9 / total  # the roofline of the machine: its fastest matmul dtype
+        print(f"{best} matmul peak between the timed steps: median {during:.0f} GFLOP/s (range {min(peaks):.0f}-"
+              f"{max(peaks):.0f}; {peak[best]:.0f} at start)")
+        print(f"physical limit at that peak: {limit:,.0f} tokens/s; measured {tps:,.0f} = "
               f"{tps / limit:.1%} of peak ({tps * total / 1e9:.0f} GFLOP/s achieved)")
         matmul_rows(s, {"bf16": torch.bfloat16, "fp32": torch.float32}[name])
         print("\nprofiler (self CPU time by category):")
