@@ -12,7 +12,7 @@ import torch
 from torch.profiler import profile
 
 from tunesmith.finetune.config import load_config
-from tunesmith.finetune.fused_lora import FusedLoraLinear, use_fused_lora
+from tunesmith.finetune.fused_lora import STACKED, FusedLoraLinear, stack_groups, use_fused_lora
 from tunesmith.finetune.trainer import fit, setup
 
 ROOT = Path(__file__).parents[2]
@@ -191,3 +191,27 @@ def test_siblings_are_grouped_where_the_forward_calls_them_together(parent, grou
     for c, e in zip(comp_grads, eager_grads, strict=True):
         assert (c is None and e is None) or torch.allclose(c, e, atol=1e-5)
     assert group is None or (not group.pending and group.source is None)
+
+
+def test_compiled_group_uses_its_stacked_weight_once_made():
+    """`stack_groups`: the compiled group computes with the stacked buffer (zeroing it changes the output, so it is
+    read), which stays out of the state dict; a buffer of another dtype is ignored (the weights are concatenated)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(_Together()), LoraConfig(r=2, target_modules=["q_proj", "k_proj",
+                                                                                            "v_proj"]))
+    use_fused_lora(model)
+    assert stack_groups(model) == 1
+    attn = model.get_base_model()[0]
+    assert not any(STACKED in k for k in model.state_dict())
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    compiled = torch.compile(attn, fullgraph=True)
+    eager = attn(x, y)
+    assert torch.allclose(compiled(x, y), eager, atol=1e-5)
+    buffer = getattr(attn.q_proj, STACKED)
+    kept = buffer.clone()
+    buffer.zero_()
+    assert not torch.allclose(compiled(x, y), eager, atol=1e-3)  # the stacked copy is what it multiplies by
+    attn.q_proj.register_buffer(STACKED, kept.to(torch.bfloat16), persistent=False)
+    assert torch.allclose(compiled(x, y), eager, atol=1e-5)  # a mismatched buffer is left alone
