@@ -31,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "data" / "train.jsonl"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
@@ -241,7 +242,7 @@ def main() -> None:
             inductor_config.cpp.enable_kernel_profile = True
         from tunesmith.finetune.model import pick_dtype
 
-        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[pick_dtype(a.precision)]
+        name = {v: k for k, v in DTYPES.items()}[pick_dtype(a.precision)]
         best = max(peak, key=peak.get)
         print(f"profiled precision: {name} (train.precision={a.precision}); the machine's best matmul dtype: {best}")
         s = _setup(model, tmp / "run", name, 100, a.batch, a.compile)
@@ -251,7 +252,7 @@ def main() -> None:
         print(f"first step (compiles when compiled): {time.perf_counter() - t:.1f} s")
         peaks = []  # the peak again before every step: this VM's speed drifts within minutes (benchmarks/README.md)
         for i in range(a.steps):
-            peaks.append(matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[best], reps=3))
+            peaks.append(matmul_peak(DTYPES[best], reps=3))
             _step(s, 1 + i, timer)
         tps = timer["tokens"] / timer["total"]
         print(f"\n{name} step phases over {a.steps} steps ({timer['tokens'] / a.steps:.0f} real tokens/step), "
@@ -271,7 +272,7 @@ def main() -> None:
               f"{max(peaks):.0f}; {peak[best]:.0f} at start)")
         print(f"physical limit at that peak: {limit:,.0f} tokens/s; measured {tps:,.0f} = "
               f"{tps / limit:.1%} of peak ({tps * total / 1e9:.0f} GFLOP/s achieved)")
-        matmul_rows(s, {"bf16": torch.bfloat16, "fp32": torch.float32}[name])
+        matmul_rows(s, DTYPES[name])
         print("\nprofiler (self CPU time by category):")
         for cat, sec, frac in profile_ops(s, max(1, a.steps - 1)):
             print(f"  {cat:42s} {sec:7.2f} s  {frac:6.1%}")

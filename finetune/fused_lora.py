@@ -290,12 +290,12 @@ def stack_groups(model: torch.nn.Module) -> int:
     kinds alternating in one process: 1.026x at 4 x 256 tokens, 1.019x at 8 x 256; benchmarks/README.md). A copy,
     not views of one tensor: transformers' `save_pretrained` takes tensors sharing a storage for tied weights. The
     base is frozen while it trains; a merged layer leaves the group (`_parts`), and a buffer whose dtype or shape no
-    longer matches is ignored (the weights are concatenated as before)."""
+    longer matches is ignored (the weights are concatenated as before; members of mixed dtypes or input sizes never
+    run as a group: `use_fused_lora`, `_Group.output`)."""
     n = 0
-    for group in {id(m._group): m._group for m in model.modules()
-                  if isinstance(m, FusedLoraLinear) and m._group is not None}.values():
-        weights = [cast(torch.nn.Linear, m.base_layer).weight for m in group.members]
-        if len({w.dtype for w in weights}) == 1 and len({w.shape[1] for w in weights}) == 1:
-            group.members[0].register_buffer(STACKED, torch.cat([w.detach() for w in weights]), persistent=False)
+    for m in model.modules():
+        if isinstance(m, FusedLoraLinear) and m._group is not None and m._group.members[0] is m:
+            weights = [cast(torch.nn.Linear, member.base_layer).weight.detach() for member in m._group.members]
+            m.register_buffer(STACKED, torch.cat(weights), persistent=False)
             n += 1
     return n

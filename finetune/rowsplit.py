@@ -6,9 +6,10 @@ every product with 576 output columns ran at 1,050-1,470 GFLOP/s in one call: o_
 1,993 as two calls of 288 columns, down_proj's 1,277 vs 2,005, the input gradient of the stacked gate/up weight
 1,048 vs 1,700 in three; at 2,016 rows one call was fastest or within noise for every shape (benchmarks/README.md).
 The rule depends on the CPU, the thread count and oneDNN's version, so the split is measured, not guessed: on a
-shape's first call, one call, 2-4 row chunks and 2-3 column chunks take turns, best of three runs each. The choice is kept in `cache_dir()/matmul_splits.json` per CPU model, torch version and thread
-count, because a split can change the summation order of some rows (bf16 results differ in the last bit): a resumed
-or repeated run on the same machine splits the same way and computes the same numbers.
+shape's first call, one call, 2-4 row chunks and 2-3 column chunks take turns, best of three runs each. The choice
+is kept in `cache_dir()/matmul_splits.json` per CPU model, torch version and thread count, because a split can
+change the summation order of some rows (bf16 results differ in the last bit): a resumed or repeated run on the
+same machine splits the same way and computes the same numbers.
 """
 
 from __future__ import annotations
