@@ -25,10 +25,14 @@ shape would cost more compile time than it saves.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +106,35 @@ def compiler() -> str | None:
     for name in filter(None, (os.environ.get("CXX"), "g++", "clang++", "c++")):
         if path := shutil.which(name):
             return path
+    return None
+
+
+def build_library(name: str, source: str, flags: list[str]) -> str | None:
+    """Compile a C++ source of torch ops (once per machine, torch version, compiler, flags and source, into
+    `cache_dir()/kernels`) and load it; returns why not, or None. Shared by tunesmith's own CPU kernels
+    (finetune/int8cpu.py, finetune/loragrad.py)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    from .model import cache_dir
+
+    cxx = compiler()
+    if cxx is None:
+        return "no C++ compiler found (install g++, or set CXX)"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    key = hashlib.sha256("\n".join([source, torch.__version__, cxx, abi, *flags]).encode()).hexdigest()[:16]
+    lib = cache_dir() / "kernels" / f"{name}-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            src, out = Path(tmp) / f"{name}.cpp", Path(tmp) / lib.name
+            src.write_text(source)
+            cmd = [cxx, *flags, abi, *(f"-I{p}" for p in include_paths()), str(src), "-o", str(out),
+                   *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                return f"{cxx} failed to build it: {done.stderr.strip()[-500:]}"
+            os.replace(out, lib)  # atomic: a process building beside this one never loads a half-written file
+    torch.ops.load_library(str(lib))
     return None
 
 

@@ -11,7 +11,9 @@ they are; uncompiled ones run the same code as a plain autograd Function (no op 
 
 Compiled, sibling layers applied to one input (q/k/v, gate/up) run as one op (`_Group`): one matmul over their
 stacked base weights, one pass over the input for their LoRA `a`s, one input gradient instead of three summed. On the
-embedded model that made compiled steps 1.03-1.09x faster (alternating runs; benchmarks/README.md).
+embedded model that made compiled steps 1.03-1.09x faster (alternating runs; benchmarks/README.md). On CPUs with
+AMX the backward's LoRA gradients (`g @ B`, `g.T @ h`, `gh.T @ x`, for every adapter of a group) come from one pass
+over the output gradient (finetune/loragrad.py; 1.04-1.08x a compiled bf16 step); elsewhere from the loop below.
 
 Same numbers as peft: the one difference is that the LoRA product is added inside the matmul's accumulator instead
 of after a rounding to the compute dtype (fp32: equal to 1e-5 in tests/finetune/test_fused_lora.py). The layer is
@@ -32,7 +34,7 @@ from typing import Any, cast
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from . import rowsplit
+from . import loragrad, rowsplit
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -66,20 +68,23 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a:
     gradient is one matmul over the stacked weights and one pass for all its LoRA terms."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    ghs, gbs = [], []
-    col = row = 0
-    for b, scaling in zip(bs, scalings, strict=True):
-        out, r = b.shape
-        gk = g[:, col:col + out]
-        gh = gk @ b
-        gh.mul_(scaling)
-        gb = gk.t() @ h[:, row:row + r]
-        gb.mul_(scaling)
-        ghs.append(gh)
-        gbs.append(gb)
-        col, row = col + out, row + r
-    gh = ghs[0] if len(ghs) == 1 else torch.cat(ghs, 1)
-    ga = gh.t() @ x2
+    if loragrad.fits(g, x2, a, bs, h):  # one pass over g for all three (AMX CPUs, bf16)
+        gh, ga, gbs = loragrad.lora_grads(g, x2, a, bs, h, scalings)
+    else:
+        ghs, gbs = [], []
+        col = row = 0
+        for b, scaling in zip(bs, scalings, strict=True):
+            out, r = b.shape
+            gk = g[:, col:col + out]
+            gh = gk @ b
+            gh.mul_(scaling)
+            gb = gk.t() @ h[:, row:row + r]
+            gb.mul_(scaling)
+            ghs.append(gh)
+            gbs.append(gb)
+            col, row = col + out, row + r
+        gh = ghs[0] if len(ghs) == 1 else torch.cat(ghs, 1)
+        ga = gh.t() @ x2
     if not input_grad:
         return x.new_empty(0), ga, gbs
     gx = rowsplit.mm(g, weight)

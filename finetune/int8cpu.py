@@ -11,20 +11,15 @@ rows (batched decode) each widened weight vector feeds up to three rows: ~78% of
 1.5-2.2x torch's kernel (`benchmarks/int8_kernel.py`).
 
 How: ~100 lines of C++ against torch's own headers, compiled once per machine with the C++ compiler torch.compile
-uses (~10-15 s on two cores) into `cache_dir()/kernels` and loaded with `torch.ops.load_library`; it splits output
+uses (~10-15 s on two cores) into `cache_dir()/kernels` and loaded (`compiling.build_library`); it splits output
 rows over torch's own thread pool (`at::parallel_for`). Anything other than an x86-64 CPU with AVX2 and FMA, or no
 compiler, keeps torch's kernel (`available()` is False and `why_not()` says why).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import platform
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
@@ -140,33 +135,14 @@ _state: dict[str, str | None] = {}
 
 def _build() -> str | None:
     """Compile (once per machine, torch version and source) and load the kernel; returns why not, or None."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    from .compiling import compiler
-    from .model import cache_dir
+    from .compiling import build_library
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    cxx = compiler()
-    if cxx is None:
-        return "no C++ compiler found (install g++, or set CXX)"
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    key = hashlib.sha256("\n".join([SOURCE, torch.__version__, cxx, abi, *FLAGS]).encode()).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"int8_linear-{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            src, out = Path(tmp) / "int8_linear.cpp", Path(tmp) / lib.name
-            src.write_text(SOURCE)
-            cmd = [cxx, *FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(src), "-o", str(out),
-                   *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                return f"{cxx} failed to build it: {done.stderr.strip()[-500:]}"
-            os.replace(out, lib)  # atomic: a process building beside this one never loads a half-written file
-    torch.ops.load_library(str(lib))
+    if (why := build_library("int8_linear", SOURCE, FLAGS)) is not None:
+        return why
 
     @torch.library.register_fake("tunesmith::int8_linear")
     def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
