@@ -213,8 +213,15 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    # torch's fused AdamW (one kernel for all tensors; HF Trainer's default on GPUs): on a CPU the default loop over
+    # the embedded model's 420 LoRA tensors took 24 ms a step, fused 4 ms (the same update to ~1e-8: 1.04x a
+    # quickstart step). FSDP keeps the default (its sharded parameters are untested with it here)
+    from accelerate.utils import DistributedType
+
+    fused = acc.device.type in ("cpu", "cuda") and acc.distributed_type != DistributedType.FSDP
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.999))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.999),
+                            fused=fused or None)
     from transformers import get_scheduler
 
     warmup = t.warmup_steps if t.warmup_steps >= 0 else int(round(t.warmup_ratio * total))
