@@ -103,7 +103,7 @@ def _category(name: str, shapes: list, r: int, vocab: int) -> str:
     if "scaled_dot_product" in name or "flash_attention" in name or name == "aten::bmm" or (
             "cpp_fused" in name and "softmax" in name):
         return "attention (SDPA, or bmm + fused softmax)"
-    if name.startswith(("tunesmith::lora_linear", "_EagerLoraLinear")):  # the fused LoRA op's own overhead
+    if name.startswith(("tunesmith::lora_", "_EagerLoraLinear")):  # the fused LoRA op's overhead, LoRA's gradients
         return "LoRA matmuls (rank dim)"
     if "cpp_fused" in name or "CompiledFxGraph" in name:
         return "elementwise fused by inductor (norms, rope, silu, adds)"
