@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,25 @@ def build_library(name: str, source: str, flags: list[str]) -> str | None:
             os.replace(out, lib)  # atomic: a process building beside this one never loads a half-written file
     torch.ops.load_library(str(lib))
     return None
+
+
+def built_once(build: Callable[[], str | None]) -> Callable[[], str | None]:
+    """A kernel's `why_not()`: `build` (which returns why the kernel cannot run here, or None once it is loaded) runs
+    on the first call only, under a lock; a read-only cache folder or a library that will not load becomes that
+    answer instead of an error."""
+    lock = threading.Lock()
+    state: dict[str, str | None] = {}
+
+    def why_not() -> str | None:
+        with lock:
+            if "why" not in state:
+                try:
+                    state["why"] = build()
+                except (OSError, RuntimeError) as e:
+                    state["why"] = f"{type(e).__name__}: {e}"
+            return state["why"]
+
+    return why_not
 
 
 _probe: threading.Thread | None = None

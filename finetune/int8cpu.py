@@ -19,9 +19,10 @@ compiler, keeps torch's kernel (`available()` is False and `why_not()` says why)
 from __future__ import annotations
 
 import platform
-import threading
 
 import torch
+
+from .compiling import build_library, built_once
 
 SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -129,14 +130,8 @@ TORCH_LIBRARY_IMPL(tunesmith, CPU, m) { m.impl("int8_linear", &int8_linear); }
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w"]
 
-_lock = threading.Lock()
-_state: dict[str, str | None] = {}
-
-
 def _build() -> str | None:
     """Compile (once per machine, torch version and source) and load the kernel; returns why not, or None."""
-    from .compiling import build_library
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -151,15 +146,8 @@ def _build() -> str | None:
     return None
 
 
-def why_not() -> str | None:
-    """Why the kernel cannot run here (None: it is loaded); builds it on the first call."""
-    with _lock:
-        if "why" not in _state:
-            try:
-                _state["why"] = _build()
-            except (OSError, RuntimeError) as e:  # a read-only cache folder, a library that will not load
-                _state["why"] = f"{type(e).__name__}: {e}"
-        return _state["why"]
+why_not = built_once(_build)
+"""Why the kernel cannot run here (None: it is loaded); builds it on the first call."""
 
 
 def available() -> bool:

@@ -10,9 +10,9 @@ product, fp32), summed once at the end. Steps alternating in one process: a comp
 1.08x faster, of 4 x 256 1.04x (benchmarks/README.md). The base input gradient stays with oneDNN (`rowsplit.mm`) and `gh @ A` is added to it by
 oneDNN's `addmm_`: a hand-written loop for either was slower.
 
-How: ~100 lines of C++ calling torch's own batch-reduce GEMM micro-kernel (`at::native::cpublas::brgemm`, oneDNN's
-AMX kernels, the ones inductor's CPU GEMM templates call), built like finetune/int8cpu.py's kernel
-(`compiling.build_library`). Only where torch reports AMX and every tensor is bf16 on the CPU; anything else keeps
+How: ~100 lines of C++ calling torch's own batch-reduce GEMM micro-kernel (`at::native::cpublas::brgemm`: oneDNN's
+AMX kernels, also called by inductor's generated CPU GEMMs), built like finetune/int8cpu.py's kernel
+(`compiling.build_library`). Only on CPUs with AMX and where every tensor is bf16 on the CPU; anything else keeps
 the Python loop in finetune/fused_lora.py (`fits`). Same sums in another order: `B`'s gradients equal the loop's,
 `A`'s to ~1e-5 relative (fp32 accumulation either way; tests/finetune/test_loragrad.py).
 """
@@ -20,9 +20,10 @@ the Python loop in finetune/fused_lora.py (`fits`). Same sums in another order: 
 from __future__ import annotations
 
 import platform
-import threading
 
 import torch
+
+from .compiling import build_library, built_once
 
 SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -155,10 +156,6 @@ TORCH_LIBRARY_IMPL(tunesmith, CPU, m) { m.impl("lora_grads", &lora_grads); }
 
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w"]
 
-_lock = threading.Lock()
-_state: dict[str, str | None] = {}
-
-
 def _has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -168,8 +165,6 @@ def _has_amx() -> bool:
 
 
 def _build() -> str | None:
-    from .compiling import build_library
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
     if not _has_amx():
@@ -177,15 +172,8 @@ def _build() -> str | None:
     return build_library("lora_grads", SOURCE, FLAGS)
 
 
-def why_not() -> str | None:
-    """Why the kernel cannot run here (None: it is loaded); builds it on the first call."""
-    with _lock:
-        if "why" not in _state:
-            try:
-                _state["why"] = _build()
-            except (OSError, RuntimeError) as e:  # a read-only cache folder, a library that will not load
-                _state["why"] = f"{type(e).__name__}: {e}"
-        return _state["why"]
+why_not = built_once(_build)
+"""Why the kernel cannot run here (None: it is loaded); builds it on the first call."""
 
 
 def fits(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], h: torch.Tensor) -> bool:
