@@ -25,6 +25,7 @@ shape would cost more compile time than it saves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -107,6 +108,19 @@ def compiler() -> str | None:
         if path := shutil.which(name):
             return path
     return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none): which of tunesmith's kernels can run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def build_library(name: str, source: str, flags: list[str]) -> str | None:

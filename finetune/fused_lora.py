@@ -34,7 +34,7 @@ from typing import Any, cast
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from . import loragrad, rowsplit
+from . import loragrad, rowsplit, swiglu
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -163,6 +163,16 @@ class _Group:
             return out
         if self.pending:  # a member called on another input than its siblings: it runs alone
             return None
+        y = self.stacked_output(x, dtype)
+        if y is None:
+            return None
+        outs = y.split([m.out_features for m in self.members], -1)
+        self.source, self.pending = x, {j: o for j, o in enumerate(outs) if j != i}
+        return outs[i]
+
+    def stacked_output(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Every member's output side by side (`[..., sum of out_features]`), or None where they cannot run as one
+        op (then each runs alone)."""
         found = [m._parts(dtype) for m in self.members]  # (no assignment expression: dynamo breaks the graph there)
         parts = [p for p in found if p is not None]
         if len(parts) != len(found) or len({p[0].shape[1] for p in parts}) != 1:
@@ -177,10 +187,7 @@ class _Group:
         if stacked is None or stacked.dtype != dtype or stacked.shape != (sum(w.shape[0] for w in weights),
                                                                            weights[0].shape[1]):
             stacked = torch.cat(weights)
-        y = lora_linear(x.to(dtype).contiguous(), stacked, bias, torch.cat(aa), bs, scalings)[0]
-        outs = y.split([w.shape[0] for w in weights], -1)
-        self.source, self.pending = x, {j: o for j, o in enumerate(outs) if j != i}
-        return outs[i]
+        return lora_linear(x.to(dtype).contiguous(), stacked, bias, torch.cat(aa), bs, scalings)[0]
 
     def reset(self, *_: Any) -> None:
         """Forget outputs no member took (a forward hook of the parent: none outlive its call)."""
@@ -302,5 +309,72 @@ def stack_groups(model: torch.nn.Module) -> int:
         if isinstance(m, FusedLoraLinear) and m._group is not None and m._group.members[0] is m:
             weights = [cast(torch.nn.Linear, member.base_layer).weight.detach() for member in m._group.members]
             m.register_buffer(STACKED, torch.cat(weights), persistent=False)
+            n += 1
+    return n
+
+
+_SWIGLU_BODIES = ("down_proj = self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))\nreturn down_proj",
+                  "return self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))")
+"""The MLP forwards `use_fused_swiglu` takes over (Llama, Qwen 2/3, Mistral, SmolLM, ...: the same two lines)."""
+
+
+@functools.cache
+def _is_swiglu(forward: Callable[..., Any]) -> bool:
+    """Whether an MLP's `forward(self, x)` is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (read once per
+    class; a docstring and annotations may differ, nothing else)."""
+    try:
+        fn = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list or len(fn.args.args) != 2 or fn.args.vararg \
+            or fn.args.kwarg or fn.args.kwonlyargs or fn.args.defaults:
+        return False
+    body = fn.body[1:] if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(
+        getattr(fn.body[0], "value", None), ast.Constant) else fn.body
+    x = fn.args.args[1].arg
+    return [ast.dump(s) for s in body] in ([ast.dump(s) for s in ast.parse(b.format(x=x)).body] for b in _SWIGLU_BODIES)
+
+
+def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """`down_proj(silu(gate) * up)` with gate and up from their group's one op and `silu(gate) * up` from
+    finetune/swiglu.py's (compiled bf16 training on a CPU), else the model's own forward."""
+    group = self.gate_proj._group
+    if torch.compiler.is_compiling() and group is not None and x.device.type == "cpu":
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if dtype == torch.bfloat16:
+            y = group.stacked_output(x, dtype)
+            if y is not None and swiglu.fits(y):
+                return self.down_proj(swiglu.silu_mul(y))
+            if y is not None:
+                gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], -1)
+                return self.down_proj(self.act_fn(gate) * up)
+    return cast(Any, type(self).__mro__[1]).forward(self, x)
+
+
+@functools.cache
+def _swiglu_class(cls: type) -> type:
+    return type(cls.__name__, (cls,), {"forward": _swiglu_forward, "__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def use_fused_swiglu(model: torch.nn.Module) -> int:
+    """Give every SwiGLU MLP whose gate/up run as a group (`use_fused_lora`) finetune/swiglu.py's `silu(gate) * up`
+    for compiled training (its class swapped to a subclass whose forward checks, per call, that the op applies).
+    Only where the MLP's forward is the plain two-liner (`_is_swiglu`), its `act_fn` is SiLU and no hooks sit on
+    gate_proj, up_proj or act_fn (the group's one op skips their module calls). Builds the op on the first call;
+    returns how many MLPs were swapped (0 where it cannot run: no AVX-512, not x86)."""
+    from transformers.activations import SiLUActivation
+
+    if swiglu.why_not() is not None:
+        return 0
+    n = 0
+    for m in model.modules():
+        gate, up, act = (getattr(m, k, None) for k in ("gate_proj", "up_proj", "act_fn"))
+        if not (isinstance(gate, FusedLoraLinear) and isinstance(up, FusedLoraLinear) and gate._group is not None
+                and gate._group.members == [gate, up] and isinstance(act, (torch.nn.SiLU, SiLUActivation))):
+            continue
+        hooked = any(h for mod in (gate, up, act) for h in (mod._forward_hooks, mod._forward_pre_hooks))
+        if (type(act) in (torch.nn.SiLU, SiLUActivation) and gate.out_features == up.out_features and not hooked
+                and isinstance(getattr(m, "down_proj", None), torch.nn.Module) and _is_swiglu(type(m).forward)):
+            m.__class__ = _swiglu_class(cast(Any, type(m)))
             n += 1
     return n

@@ -23,7 +23,7 @@ import platform
 
 import torch
 
-from .compiling import build_library, built_once
+from .compiling import build_library, built_once, cpu_flags
 
 SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -156,18 +156,10 @@ TORCH_LIBRARY_IMPL(tunesmith, CPU, m) { m.impl("lora_grads", &lora_grads); }
 
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w"]
 
-def _has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 def _build() -> str | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
-    if not _has_amx():
+    if "amx_bf16" not in cpu_flags():
         return "the CPU has no AMX (oneDNN's bf16 micro-kernel would be slower than the Python loop)"
     return build_library("lora_grads", SOURCE, FLAGS)
 

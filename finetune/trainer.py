@@ -233,9 +233,10 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
     if (why := compiling.why_not(cfg, acc.device, acc.num_processes, n_params, total)) is None:
         n = compiling.compile_layers(_causal(model), width)
         if t.fused_lora:
-            from .fused_lora import stack_groups
+            from .fused_lora import stack_groups, use_fused_swiglu
 
             stack_groups(model)  # the grouped siblings' base weights stacked once, not in every compiled forward
+            use_fused_swiglu(model)  # SwiGLU's silu(gate) * up as one C++ op on CPUs with AVX-512 (finetune/swiglu.py)
         if cfg.method == "sft":
             pad = compiling.bucket(cfg.data.packing, width, rows)
         acc.print(f"train.compile={t.compile}: {n} decoder layers compiled by torch.compile; the first step compiles "
