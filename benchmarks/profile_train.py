@@ -105,8 +105,8 @@ def _category(name: str, shapes: list, r: int, vocab: int) -> str:
         return "attention (SDPA, or bmm + fused softmax)"
     if name.startswith(("tunesmith::lora_", "_EagerLoraLinear")):  # the fused LoRA op's overhead, LoRA's gradients
         return "LoRA matmuls (rank dim)"
-    if "cpp_fused" in name or "CompiledFxGraph" in name:
-        return "elementwise fused by inductor (norms, rope, silu, adds)"
+    if "cpp_fused" in name or "CompiledFxGraph" in name or name.startswith("tunesmith::silu_mul"):
+        return "elementwise fused by inductor (norms, rope, silu, adds) or SwiGLU's op"
     if name in _MASK_OPS:
         return "attention mask building"
     if any(k in name for k in ("cross_entropy", "log_softmax", "nll_loss")):

@@ -14,6 +14,8 @@ stacked base weights, one pass over the input for their LoRA `a`s, one input gra
 embedded model that made compiled steps 1.03-1.09x faster (alternating runs; benchmarks/README.md). On CPUs with
 AMX the backward's LoRA gradients (`g @ B`, `g.T @ h`, `gh.T @ x`, for every adapter of a group) come from one pass
 over the output gradient (finetune/loragrad.py; 1.04-1.08x a compiled bf16 step); elsewhere from the loop below.
+A SwiGLU MLP whose gate/up run as a group takes `silu(gate) * up` from finetune/swiglu.py's op on the group's
+stacked output (`use_fused_swiglu`; compiled bf16 training on CPUs with AVX-512: 1.02-1.05x a step).
 
 Same numbers as peft: the one difference is that the LoRA product is added inside the matmul's accumulator instead
 of after a rounding to the compute dtype (fp32: equal to 1e-5 in tests/finetune/test_fused_lora.py). The layer is
