@@ -14,7 +14,7 @@ stacked base weights, one pass over the input for their LoRA `a`s, one input gra
 embedded model that made compiled steps 1.03-1.09x faster (alternating runs; benchmarks/README.md). On CPUs with
 AMX the backward's LoRA gradients (`g @ B`, `g.T @ h`, `gh.T @ x`, for every adapter of a group) come from one pass
 over the output gradient (finetune/loragrad.py; 1.04-1.08x a compiled bf16 step); elsewhere from the loop below.
-A SwiGLU MLP whose gate/up run as a group takes `silu(gate) * up` from finetune/swiglu.py's op on the group's
+A SwiGLU MLP whose gate/up run as a group takes `silu(gate) * up` from finetune/cpuops.py's op on the group's
 stacked output (`use_fused_swiglu`; compiled bf16 training on CPUs with AVX-512: 1.02-1.05x a step).
 
 Same numbers as peft: the one difference is that the LoRA product is added inside the matmul's accumulator instead
@@ -36,7 +36,7 @@ from typing import Any, cast
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from . import loragrad, rowsplit, swiglu
+from . import cpuops, loragrad, rowsplit
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -339,14 +339,14 @@ def _is_swiglu(forward: Callable[..., Any]) -> bool:
 
 def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """`down_proj(silu(gate) * up)` with gate and up from their group's one op and `silu(gate) * up` from
-    finetune/swiglu.py's (compiled bf16 training on a CPU), else the model's own forward."""
+    finetune/cpuops.py's (compiled bf16 training on a CPU), else the model's own forward."""
     group = self.gate_proj._group
     if torch.compiler.is_compiling() and group is not None and x.device.type == "cpu":
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if dtype == torch.bfloat16:
             y = group.stacked_output(x, dtype)
-            if y is not None and swiglu.fits(y):
-                return self.down_proj(swiglu.silu_mul(y))
+            if y is not None and cpuops.fits(y):
+                return self.down_proj(cpuops.silu_mul(y))
             if y is not None:
                 gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], -1)
                 return self.down_proj(self.act_fn(gate) * up)
@@ -359,14 +359,14 @@ def _swiglu_class(cls: type) -> type:
 
 
 def use_fused_swiglu(model: torch.nn.Module) -> int:
-    """Give every SwiGLU MLP whose gate/up run as a group (`use_fused_lora`) finetune/swiglu.py's `silu(gate) * up`
+    """Give every SwiGLU MLP whose gate/up run as a group (`use_fused_lora`) finetune/cpuops.py's `silu(gate) * up`
     for compiled training (its class swapped to a subclass whose forward checks, per call, that the op applies).
     Only where the MLP's forward is the plain two-liner (`_is_swiglu`), its `act_fn` is SiLU and no hooks sit on
     gate_proj, up_proj or act_fn (the group's one op skips their module calls). Builds the op on the first call;
     returns how many MLPs were swapped (0 where it cannot run: no AVX-512, not x86)."""
     from transformers.activations import SiLUActivation
 
-    if swiglu.why_not() is not None:
+    if cpuops.why_not() is not None:
         return 0
     n = 0
     for m in model.modules():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,7 +57,8 @@ class LossModel(torch.nn.Module):
             vocab = causal.config.get_text_config().vocab_size
             head = causal.get_output_embeddings()
             if not any(p.requires_grad for p in head.parameters()):  # LoRA's frozen head: gradients in the forward
-                return _HeadLoss.apply(h, t, causal, _rows_per_chunk(self.chunk, vocab, h.device))
+                fast = _fast_ce(causal, h)
+                return _HeadLoss.apply(h, t, causal, _rows_per_chunk(self.chunk, vocab, h.device, fast), fast)
             if h.shape[0] * vocab <= 64 * 2**20:  # a trained head, small: one shot, no recompute
                 return _ce_sum(causal, h, t)
             return sum(checkpoint(_ce_sum, causal, h[i: i + self.chunk], t[i: i + self.chunk], use_reentrant=False)
@@ -86,19 +87,27 @@ def _causal(model: Any) -> Any:
 
 def head_logits(causal: Any, h: torch.Tensor) -> torch.Tensor:
     """What `XForCausalLM.forward` does after the backbone, for the families transformers ships (read from its
-    modeling files): the head module, then Gemma-2/3's tanh softcapping, Cohere's `logit_scale`, Granite's
-    `logits_scaling`, Falcon-H1's `lm_head_multiplier`. Anything else is caught by `check_loss`."""
+    modeling files): the head module, then `_logit_steps`. Anything else is caught by `check_loss`."""
     logits = causal.get_output_embeddings()(h).float()
+    for step in _logit_steps(causal):
+        logits = step(logits)
+    return logits
+
+
+def _logit_steps(causal: Any) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """What a model does to its head's output (fp32): Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's
+    `lm_head_multiplier`, then Gemma-2/3's tanh softcapping; none for most models."""
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
     cfg = causal.config
     if (scale := getattr(causal, "logit_scale", None)) is not None:  # cohere, cohere2
-        logits = logits * scale
-    if getattr(cfg, "logits_scaling", None):  # granite, granitemoe*
-        logits = logits / cfg.logits_scaling
+        steps.append(lambda x: x * scale)
+    if logits_scaling := getattr(cfg, "logits_scaling", None):  # granite, granitemoe*
+        steps.append(lambda x: x / logits_scaling)
     if (mult := getattr(getattr(causal, "model", None), "lm_head_multiplier", None)) is not None:  # falcon_h1
-        logits = logits * mult
+        steps.append(lambda x: x * mult)
     if cap := getattr(cfg, "final_logit_softcapping", None):  # gemma2, gemma3
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    return steps
 
 
 def _ce_sum(causal: Any, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,13 +128,28 @@ def _ce_and_grad(logits: torch.Tensor, t: torch.Tensor, need: bool) -> tuple[tor
     return loss, grad
 
 
-def _rows_per_chunk(most: int, vocab: int, device: torch.device) -> int:
+def _rows_per_chunk(most: int, vocab: int, device: torch.device, kernel: bool) -> int:
     """On a CPU, chunks whose fp32 logits fit in ~12 MB: their softmax then runs in cache, not at the ~6 GB/s a
-    2-core VM streams from memory (49k vocab: 64 rows; head + CE of a quickstart step 119 -> 94 ms). A GPU wants
-    large matmuls: `train.loss_chunk_size` rows."""
+    2-core VM streams from memory (49k vocab: 64 rows; head + CE of a quickstart step 119 -> 94 ms). With
+    finetune/cpuops.py's cross-entropy (`kernel`), which works a row at a time in cache, chunks of ~32 MB of bf16
+    logits (341 rows): fewer passes over the head's weight. A GPU wants large matmuls: `train.loss_chunk_size` rows."""
     if device.type != "cpu":
         return most
-    return max(16, min(most, 12 * 2**20 // (4 * vocab)))
+    return max(16, min(most, (32 * 2**20 // (2 * vocab)) if kernel else 12 * 2**20 // (4 * vocab)))
+
+
+def _fast_ce(causal: Any, h: torch.Tensor) -> bool:
+    """Whether the head's cross-entropy goes to finetune/cpuops.py: bf16 on a CPU with AVX-512, and a head whose
+    logits the model uses as they come (`_logit_steps` empty)."""
+    if h.device.type != "cpu" or h.dtype != torch.bfloat16 or _logit_steps(causal):
+        return False
+    head = causal.get_output_embeddings()
+    if getattr(head, "weight", None) is None or head.weight.dtype != torch.bfloat16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16):
+        return False
+    from . import cpuops
+
+    return cpuops.why_not() is None
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -133,10 +157,12 @@ class _HeadLoss(torch.autograd.Function):
     its logits exist (what Liger's fused linear cross-entropy does, here through the model's own head and
     `head_logits`, so softcapping and scales need nothing new). One chunk of logits is alive at a time and nothing
     is recomputed in backward, which only scales the stored gradient. For frozen heads (LoRA): a trained head's
-    gradient would have to be carried the same way, and goes through `_ce_sum` instead."""
+    gradient would have to be carried the same way, and goes through `_ce_sum` instead. `fast` (`_fast_ce`): the
+    cross-entropy and its bf16 gradient from finetune/cpuops.py, in larger chunks (head + CE of a 290-row step 78 ->
+    35 ms)."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, t: torch.Tensor, causal: Any, rows: int) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, t: torch.Tensor, causal: Any, rows: int, fast: bool) -> torch.Tensor:
         need = bool(ctx.needs_input_grad[0])
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # fp32: fp16 training scales the loss in backward (GradScaler), so unscaled fp16 gradients could underflow
@@ -144,8 +170,13 @@ class _HeadLoss(torch.autograd.Function):
         for i in range(0, h.shape[0], rows):
             hc = h[i: i + rows].detach().requires_grad_(need)
             with torch.set_grad_enabled(need):
-                logits = head_logits(causal, hc)
-            loss, grad_logits = _ce_and_grad(logits.detach(), t[i: i + rows], need)
+                logits = causal.get_output_embeddings()(hc) if fast else head_logits(causal, hc)
+            if fast:  # the same sums from the bf16 logits, the gradient in the bf16 the head's matmul takes
+                from . import cpuops
+
+                loss, grad_logits = cpuops.cross_entropy(logits.detach(), t[i: i + rows], need)
+            else:
+                loss, grad_logits = _ce_and_grad(logits.detach(), t[i: i + rows], need)
             if grad is not None:
                 grad[i: i + rows] = torch.autograd.grad(logits, hc, grad_logits)[0]
             total += loss
@@ -154,9 +185,9 @@ class _HeadLoss(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g).to(ctx.dtype) if grad is not None else None, None, None, None
+        return (grad * g).to(ctx.dtype) if grad is not None else None, None, None, None, None
 
 
 @torch.no_grad()

@@ -236,7 +236,7 @@ def setup(cfg: Config, resume: bool = False, check_output: bool = True, accelera
             from .fused_lora import stack_groups, use_fused_swiglu
 
             stack_groups(model)  # the grouped siblings' base weights stacked once, not in every compiled forward
-            use_fused_swiglu(model)  # SwiGLU's silu(gate) * up as one C++ op on CPUs with AVX-512 (finetune/swiglu.py)
+            use_fused_swiglu(model)  # SwiGLU's silu(gate) * up as one C++ op on CPUs with AVX-512 (finetune/cpuops.py)
         if cfg.method == "sft":
             pad = compiling.bucket(cfg.data.packing, width, rows)
         acc.print(f"train.compile={t.compile}: {n} decoder layers compiled by torch.compile; the first step compiles "

@@ -1,4 +1,4 @@
-"""tunesmith's SwiGLU op (finetune/swiglu.py) against fp32 sums, and the compiled MLP that uses it
+"""tunesmith's SwiGLU op (finetune/cpuops.py) against fp32 sums, and the compiled MLP that uses it
 (finetune/fused_lora.py `use_fused_swiglu`) against the model's own forward."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from tunesmith.finetune import swiglu
+from tunesmith.finetune import cpuops
 from tunesmith.finetune.fused_lora import _is_swiglu, stack_groups, use_fused_lora, use_fused_swiglu
 
-needs_kernel = pytest.mark.skipif(swiglu.why_not() is not None, reason=f"no SwiGLU op here: {swiglu.why_not()}")
+needs_kernel = pytest.mark.skipif(cpuops.why_not() is not None, reason=f"no SwiGLU op here: {cpuops.why_not()}")
 
 
 def _reference(y: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def test_forward_and_backward_match_fp32(rows: int, width: int) -> None:
     grad = torch.randn(rows, width, generator=gen).to(torch.bfloat16)
     want, want_grad = _reference(y, grad)
     yy = y.clone().requires_grad_()
-    out = swiglu.silu_mul(yy)
+    out = cpuops.silu_mul(yy)
     out.backward(grad)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, width)
     # one rounding to bf16 of an fp32 result: within half a bf16 ulp of the fp32 sums, plus the polynomial's ~1e-7
@@ -129,4 +129,4 @@ def test_other_activations_and_hooks_keep_the_models_forward() -> None:
     hooked = _lora_llama()
     mlp = next(m for m in hooked.modules() if type(m).__name__ == "LlamaMLP")
     mlp.up_proj.register_forward_hook(lambda *_: None)
-    assert use_fused_swiglu(hooked) == (1 if swiglu.why_not() is None else 0)
+    assert use_fused_swiglu(hooked) == (1 if cpuops.why_not() is None else 0)
