@@ -88,14 +88,14 @@ inline __m512 exp_neg(__m512 x) {
 }
 inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
 
-void check(const at::Tensor& t, const char* name) {
+void check(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1 && t.scalar_type() == at::kBFloat16 && t.device().is_cpu(),
-              "tunesmith::silu_mul: ", name, " must be a 2-D bf16 CPU tensor with contiguous rows");
+              "tunesmith::", op, ": ", name, " must be a 2-D bf16 CPU tensor with contiguous rows");
 }
 
 // y [M, 2F] (gate | up) -> silu(gate) * up [M, F]
 at::Tensor silu_mul(const at::Tensor& y) {
-  check(y, "y");
+  check(y, "silu_mul", "y");
   TORCH_CHECK(y.size(1) % 2 == 0, "tunesmith::silu_mul: y's width must be even (gate's columns, then up's)");
   const int64_t m = y.size(0), f = y.size(1) / 2, ld = y.stride(0);
   at::Tensor out = at::empty({m, f}, y.options());
@@ -116,8 +116,8 @@ at::Tensor silu_mul(const at::Tensor& y) {
 
 // grad [M, F], y [M, 2F] -> [d gate | d up] [M, 2F]
 at::Tensor silu_mul_backward(const at::Tensor& grad, const at::Tensor& y) {
-  check(grad, "grad");
-  check(y, "y");
+  check(grad, "silu_mul_backward", "grad");
+  check(y, "silu_mul_backward", "y");
   const int64_t m = y.size(0), f = y.size(1) / 2, ld = y.stride(0), lg = grad.stride(0);
   TORCH_CHECK(grad.size(0) == m && grad.size(1) == f, "tunesmith::silu_mul_backward: grad must be [M, F]");
   at::Tensor dy = at::empty({m, 2 * f}, y.options());
@@ -146,7 +146,7 @@ at::Tensor silu_mul_backward(const at::Tensor& grad, const at::Tensor& y) {
 // grad [N, V] bf16: softmax - onehot(target), or empty when !need). A row of V is read three times while it sits in
 // L2 (max, sum of exps, gradient), in fp32.
 std::vector<at::Tensor> cross_entropy(const at::Tensor& logits, const at::Tensor& targets, bool need) {
-  check(logits, "logits");
+  check(logits, "cross_entropy", "logits");
   TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0),
               "tunesmith::cross_entropy: targets must be int64 [N]");
   const int64_t n = logits.size(0), v = logits.size(1), ld = logits.stride(0);

@@ -347,9 +347,6 @@ def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
             y = group.stacked_output(x, dtype)
             if y is not None and cpuops.fits(y):
                 return self.down_proj(cpuops.silu_mul(y))
-            if y is not None:
-                gate, up = y.split([self.gate_proj.out_features, self.up_proj.out_features], -1)
-                return self.down_proj(self.act_fn(gate) * up)
     return cast(Any, type(self).__mro__[1]).forward(self, x)
 
 
@@ -372,10 +369,11 @@ def use_fused_swiglu(model: torch.nn.Module) -> int:
     for m in model.modules():
         gate, up, act = (getattr(m, k, None) for k in ("gate_proj", "up_proj", "act_fn"))
         if not (isinstance(gate, FusedLoraLinear) and isinstance(up, FusedLoraLinear) and gate._group is not None
-                and gate._group.members == [gate, up] and isinstance(act, (torch.nn.SiLU, SiLUActivation))):
+                and gate._group.members == [gate, up] and isinstance(act, torch.nn.Module)
+                and type(act) in (torch.nn.SiLU, SiLUActivation)):
             continue
         hooked = any(h for mod in (gate, up, act) for h in (mod._forward_hooks, mod._forward_pre_hooks))
-        if (type(act) in (torch.nn.SiLU, SiLUActivation) and gate.out_features == up.out_features and not hooked
+        if (gate.out_features == up.out_features and not hooked
                 and isinstance(getattr(m, "down_proj", None), torch.nn.Module) and _is_swiglu(type(m).forward)):
             m.__class__ = _swiglu_class(cast(Any, type(m)))
             n += 1

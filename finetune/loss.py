@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import cpuops
 from .config import ConfigError
 from .data import IGNORE
 
@@ -147,8 +148,6 @@ def _fast_ce(causal: Any, h: torch.Tensor) -> bool:
     if getattr(head, "weight", None) is None or head.weight.dtype != torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16):
         return False
-    from . import cpuops
-
     return cpuops.why_not() is None
 
 
@@ -171,12 +170,9 @@ class _HeadLoss(torch.autograd.Function):
             hc = h[i: i + rows].detach().requires_grad_(need)
             with torch.set_grad_enabled(need):
                 logits = causal.get_output_embeddings()(hc) if fast else head_logits(causal, hc)
-            if fast:  # the same sums from the bf16 logits, the gradient in the bf16 the head's matmul takes
-                from . import cpuops
-
-                loss, grad_logits = cpuops.cross_entropy(logits.detach(), t[i: i + rows], need)
-            else:
-                loss, grad_logits = _ce_and_grad(logits.detach(), t[i: i + rows], need)
+            # fast: the same sums from the bf16 logits, the gradient in the bf16 the head's matmul takes
+            ce = cpuops.cross_entropy if fast else _ce_and_grad
+            loss, grad_logits = ce(logits.detach(), t[i: i + rows], need)
             if grad is not None:
                 grad[i: i + rows] = torch.autograd.grad(logits, hc, grad_logits)[0]
             total += loss
